@@ -1,0 +1,399 @@
+"""Framework-agnostic training of one sparse coder on any iterable of (x, y) batches.
+
+The `Trainer` owns the coder, the optimiser and the running statistics (dead latents, firing
+counts). `Trainer.step` takes one batch; `Trainer.fit` drives an iterable. Ray Train and Ray Tune
+call these same methods from their workers, so nothing here knows about Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from schedulefree import ScheduleFreeWrapper
+from torch import Tensor
+
+from .coder import Code, ForwardOutput, SparseCoder
+from .config import check_choice, check_positive
+
+log = logging.getLogger(__name__)
+
+Optimizer = Literal["signum", "adam"]
+Precision = Literal["fp32", "bf16"]
+
+
+@dataclass
+class TrainConfig:
+    """How to train a coder: optimiser, loss terms, precision and bookkeeping."""
+
+    optimizer: Optimizer = "signum"
+    """signum: sign-SGD with momentum inside a schedule-free wrapper (the paper's authors' choice);
+    adam: Adam with linear warm-up."""
+
+    lr: float | None = None
+    """Learning rate. None picks the scaling rule for the coder's width M: signum 5e-3/sqrt(M/2^14)
+    for continuous and 3e-3/sqrt(M/2^15) for binary codes (3e-2 for binary_groupmax); adam
+    2e-4/sqrt(M/2^14)."""
+
+    momentum: float = 0.95
+    """Momentum of the schedule-free wrapper (signum only)."""
+
+    lr_warmup_steps: int = 1000
+    """Linear learning-rate warm-up steps (adam only)."""
+
+    auxk_alpha: float = 0.0
+    """Weight of the AuxK loss that revives dead latents (continuous topk and groupmax only)."""
+
+    entropy_coef: float = 0.0
+    """Weight of the minibatch entropy term sum_j H(mean_batch z_j) (binary codes only)."""
+
+    l0_coef: float | None = None
+    """Weight of the penalty (mean L0 / k - 1)^2 that holds jumprelu and binary_threshold codes near
+    k active latents. None: 1.0 for jumprelu, 0 for binary_threshold (the paper's dense binary)."""
+
+    dead_tokens: int = 10_000_000
+    """A latent that has not fired for this many training tokens counts as dead."""
+
+    precision: Precision = "fp32"
+    """bf16 runs the encoder matmul under bfloat16 autocast (weights stay fp32)."""
+
+    device: str = "cpu"
+    """Torch device to train on, e.g. cpu, cuda, cuda:1."""
+
+    seed: int = 0
+    """Seed of the coder's initialisation and of any sampling during training."""
+
+    log_every: int = 100
+    """Log a line of metrics every this many steps (0: never)."""
+
+    def __post_init__(self) -> None:
+        check_choice("optimizer", self.optimizer, ("signum", "adam"))
+        check_choice("precision", self.precision, ("fp32", "bf16"))
+        if self.lr is not None:
+            check_positive("lr", self.lr)
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum: must be in [0, 1), got {self.momentum!r}")
+        for name in ("auxk_alpha", "entropy_coef", "l0_coef"):
+            value = getattr(self, name)
+            if value is not None and (not math.isfinite(value) or value < 0):
+                raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
+        if not isinstance(self.lr_warmup_steps, int) or self.lr_warmup_steps < 0:
+            raise ValueError(f"lr_warmup_steps: must be an integer >= 0, got {self.lr_warmup_steps!r}")
+        check_positive("dead_tokens", self.dead_tokens, integer=True)
+        try:
+            torch.device(self.device)
+        except RuntimeError as err:
+            raise ValueError(f"device: {self.device!r} is not a torch device ({err})") from None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown training option; allowed: {', '.join(sorted(names))}")
+        return cls(**d)
+
+
+def default_lr(coder: SparseCoder, optimizer: str) -> float:
+    """The learning-rate scaling rules of the paper's authors for a coder of width M."""
+    m = coder.num_latents
+    if optimizer == "adam":
+        return 2e-4 / math.sqrt(m / 2**14)
+    if coder.cfg.activation == "binary_groupmax":
+        return 3e-2
+    if coder.cfg.is_binary:
+        return 3e-3 / math.sqrt(m / 2**15)
+    return 5e-3 / math.sqrt(m / 2**14)
+
+
+class SignSGD(torch.optim.Optimizer):
+    """Steepest descent in the L-infinity norm: p -= lr * sign(grad)."""
+
+    def __init__(self, params, lr: float):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad.sign(), alpha=-group["lr"])
+
+
+@dataclass
+class StepMetrics:
+    """What one training step measured."""
+
+    step: int
+    tokens: int
+    loss: float
+    fvu: float
+    auxk_loss: float
+    entropy: float
+    l0: float
+    dead_fraction: float
+    lr: float
+
+
+def build_coder(cfg, d_in: int, d_out: int | None = None, *, seed: int = 0, device: str = "cpu") -> SparseCoder:
+    """A freshly initialised coder whose initialisation depends only on `seed`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SparseCoder(cfg, d_in, d_out).to(device)
+
+
+class Trainer:
+    """Trains one `SparseCoder`: loss, optimiser, decoder normalisation, dead-latent tracking."""
+
+    def __init__(self, coder: SparseCoder, cfg: TrainConfig | None = None):
+        self.cfg = cfg = cfg or TrainConfig()
+        self.device = torch.device(cfg.device)
+        self.coder = coder.to(self.device)
+        ccfg = coder.cfg
+        if cfg.auxk_alpha and ccfg.activation not in ("topk", "groupmax"):
+            raise ValueError(f"auxk_alpha: AuxK is defined for continuous topk/groupmax codes, not {ccfg.activation}")
+        if cfg.entropy_coef and not ccfg.is_binary:
+            raise ValueError(f"entropy_coef: the entropy term is for binary codes, not {ccfg.activation}")
+        self.l0_coef = cfg.l0_coef if cfg.l0_coef is not None else float(ccfg.activation == "jumprelu")
+        if self.l0_coef and ccfg.activation not in ("jumprelu", "binary_threshold"):
+            raise ValueError(f"l0_coef: the L0 penalty is for jumprelu and binary_threshold, not {ccfg.activation}")
+
+        self.lr = cfg.lr if cfg.lr is not None else default_lr(coder, cfg.optimizer)
+        params = list(coder.parameters())
+        if cfg.optimizer == "signum":
+            self.optimizer = ScheduleFreeWrapper(SignSGD(params, lr=self.lr), momentum=cfg.momentum)
+            self.scheduler = None
+        else:
+            self.optimizer = torch.optim.Adam(params, lr=self.lr)
+            warmup = max(cfg.lr_warmup_steps, 1)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+
+        m = coder.num_latents
+        self.step_count = 0
+        self.tokens_seen = 0
+        self.tokens_since_fired = torch.zeros(m, dtype=torch.long, device=self.device)
+        self.firing_counts = torch.zeros(m, dtype=torch.long, device=self.device)
+
+    # ---- modes -----------------------------------------------------------------------------------
+
+    def train_mode(self) -> None:
+        """Parameters at the optimiser's training point (schedule-free: y)."""
+        self.coder.train()
+        if isinstance(self.optimizer, ScheduleFreeWrapper):
+            self.optimizer.train()
+
+    def eval_mode(self) -> None:
+        """Parameters at the point to evaluate and save (schedule-free: the averaged x)."""
+        self.coder.eval()
+        if isinstance(self.optimizer, ScheduleFreeWrapper):
+            self.optimizer.eval()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @property
+    def dead_mask(self) -> Tensor:
+        return self.tokens_since_fired >= self.cfg.dead_tokens
+
+    # ---- one step --------------------------------------------------------------------------------
+
+    def step(self, x: Tensor, y: Tensor | None = None) -> StepMetrics:
+        """One optimiser step on the batch `x` (N x d_in), target `y` (defaults to x for SAEs)."""
+        coder = self.coder
+        x = x.to(self.device, coder.dtype, non_blocking=True)
+        y = x if y is None else y.to(self.device, coder.dtype, non_blocking=True)
+        for name, t in (("x", x), ("y", y)):
+            bad = (~torch.isfinite(t)).sum().item()
+            if bad:
+                raise ValueError(
+                    f"{name}: training batch {self.step_count} contains {bad} NaN or inf values; "
+                    "no update was made (check the activation source or cache)"
+                )
+        if self.step_count == 0:
+            self._init_from_batch(x, y)
+        self.train_mode()
+
+        with self.autocast():
+            out = coder(x, y)
+            loss = out.fvu
+            auxk = self._auxk_loss(x, y, out) if self.cfg.auxk_alpha else None
+            if auxk is not None:
+                loss = loss + self.cfg.auxk_alpha * auxk
+            entropy = batch_entropy(out.code, coder.num_latents) if self.cfg.entropy_coef else None
+            if entropy is not None:
+                loss = loss + self.cfg.entropy_coef * entropy
+            if self.l0_coef:
+                loss = loss + self.l0_coef * self._l0_penalty(out)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss: became {loss.item()} at step {self.step_count}; no update was made "
+                f"(lr={self.lr:g} may be too high for this coder)"
+            )
+
+        loss.backward()
+        if coder.normalizes_decoder:
+            coder.remove_gradient_parallel_to_decoder_directions()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        if coder.normalizes_decoder:
+            coder.set_decoder_norm_to_unit_norm()
+
+        n = x.shape[0]
+        with torch.no_grad():
+            fired = out.code.firing_counts(coder.num_latents)
+            self.firing_counts += fired
+            self.tokens_since_fired += n
+            self.tokens_since_fired[fired > 0] = 0
+            l0 = out.code.l0().float().mean().item()
+        self.step_count += 1
+        self.tokens_seen += n
+        metrics = StepMetrics(
+            step=self.step_count,
+            tokens=self.tokens_seen,
+            loss=loss.item(),
+            fvu=out.fvu.item(),
+            auxk_loss=auxk.item() if auxk is not None else 0.0,
+            entropy=entropy.item() if entropy is not None else 0.0,
+            l0=l0,
+            dead_fraction=self.dead_mask.float().mean().item(),
+            lr=self.optimizer.param_groups[0]["lr"],
+        )
+        if self.cfg.log_every and self.step_count % self.cfg.log_every == 0:
+            log.info(
+                "step %d  fvu %.4f  l0 %.1f  dead %.3f", metrics.step, metrics.fvu, metrics.l0, metrics.dead_fraction
+            )
+        return metrics
+
+    @torch.no_grad()
+    def _init_from_batch(self, x: Tensor, y: Tensor) -> None:
+        """Data-dependent initialisation (method.md): b_dec = mean(y); transcoders centre pre."""
+        coder = self.coder
+        coder.b_dec.data.copy_(y.mean(0))
+        if coder.cfg.is_transcoder:
+            coder.encoder.bias.data.copy_(-(x.mean(0) @ coder.encoder.weight.T))
+
+    def _auxk_loss(self, x: Tensor, y: Tensor, out: ForwardOutput) -> Tensor | None:
+        dead = self.dead_mask
+        num_dead = int(dead.sum())
+        if num_dead == 0:
+            return None
+        k_aux = min(self.coder.d_out // 2, num_dead)
+        scale = min(num_dead / (self.coder.d_out // 2), 1.0)
+        residual = (y - out.output).detach()
+        values, indices = self.coder.dead_latent_code(x, out.pre_acts, dead, k_aux)
+        residual_hat = F.embedding_bag(indices, self.coder.W_dec, per_sample_weights=values, mode="sum")
+        total = (y - y.mean(0)).pow(2).sum()
+        return scale * (residual_hat - residual).pow(2).sum() / total
+
+    def _l0_penalty(self, out: ForwardOutput) -> Tensor:
+        # Differentiable L0 through the threshold's surrogate gradient.
+        from .ops import binary_step
+
+        cfg = self.coder.cfg
+        gates = binary_step(out.pre_acts, self.coder.threshold, cfg.surrogate, cfg.temperature)
+        return (gates.sum(-1).mean() / cfg.k - 1).pow(2)
+
+    # ---- loops -----------------------------------------------------------------------------------
+
+    def fit(self, batches: Iterable[Tensor | tuple[Tensor, Tensor]], max_steps: int | None = None) -> list[StepMetrics]:
+        """Train on `batches` (each `x` or `(x, y)`) for at most `max_steps`; ends in eval mode."""
+        history = []
+        for batch in batches:
+            if max_steps is not None and self.step_count >= max_steps:
+                break
+            x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
+            history.append(self.step(x, y))
+        self.eval_mode()
+        return history
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """The coder (at its evaluation point) plus optimiser and statistics, to resume exactly."""
+        path = Path(path)
+        self.eval_mode()
+        self.coder.save(path)
+        state = self.optimizer.state_dict()
+        tensors = {"tokens_since_fired": self.tokens_since_fired, "firing_counts": self.firing_counts}
+        param_state = {}
+        for pid, entries in state["state"].items():
+            for key, value in entries.items():
+                if isinstance(value, Tensor):
+                    tensors[f"optimizer.{pid}.{key}"] = value
+                else:
+                    param_state.setdefault(str(pid), {})[key] = value
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path / "trainer.safetensors"))
+        meta = {
+            "step": self.step_count,
+            "tokens": self.tokens_seen,
+            "train_config": asdict(self.cfg),
+            "param_groups": state["param_groups"],
+            "param_state": param_state,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+        }
+        (path / "trainer.json").write_text(json.dumps(meta, indent=2, default=_json_scalar) + "\n")
+        return path
+
+    @classmethod
+    def load_checkpoint(cls, path: str | Path, device: str | None = None) -> Trainer:
+        """Rebuild a trainer from `save_checkpoint`; training continues where it stopped."""
+        path = Path(path)
+        meta = json.loads((path / "trainer.json").read_text())
+        cfg = TrainConfig.from_dict({**meta["train_config"], **({"device": device} if device else {})})
+        trainer = cls(SparseCoder.load(path, device=cfg.device), cfg)
+        tensors = load_file(str(path / "trainer.safetensors"), device=cfg.device)
+        trainer.tokens_since_fired.copy_(tensors.pop("tokens_since_fired"))
+        trainer.firing_counts.copy_(tensors.pop("firing_counts"))
+        state: dict[int, dict[str, Any]] = {int(pid): dict(v) for pid, v in meta["param_state"].items()}
+        for key, value in tensors.items():
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+        trainer.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        if isinstance(trainer.optimizer, ScheduleFreeWrapper):
+            trainer.optimizer.train_mode = False  # the saved parameters are the evaluation point
+        if trainer.scheduler is not None and meta["scheduler"] is not None:
+            trainer.scheduler.load_state_dict(meta["scheduler"])
+        trainer.step_count, trainer.tokens_seen = meta["step"], meta["tokens"]
+        return trainer
+
+
+def _json_scalar(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.item()
+    raise TypeError(f"cannot store {type(value).__name__} in trainer.json")
+
+
+def batch_entropy(code: Code, num_latents: int) -> Tensor:
+    """Sum over latents of the Bernoulli entropy of each latent's batch firing rate."""
+    values = code.values.float()
+    if code.indices is None:
+        p = values.mean(0)
+    else:
+        p = torch.zeros(num_latents, device=values.device).index_add_(0, code.indices.flatten(), values.flatten())
+        p = p / values.shape[0]
+    p = p.clamp(1e-6, 1 - 1e-6)
+    return -(p * p.log() + (1 - p) * (1 - p).log()).sum()
+
+
+def iterate_batches(x: Tensor, y: Tensor | None, batch_size: int, *, seed: int = 0) -> Iterator:
+    """Endless shuffled minibatches of an in-memory dataset (epoch after epoch)."""
+    g = torch.Generator().manual_seed(seed)
+    n = x.shape[0]
+    while True:
+        order = torch.randperm(n, generator=g)
+        for start in range(0, n - batch_size + 1, batch_size):
+            idx = order[start : start + batch_size]
+            yield (x[idx], y[idx]) if y is not None else x[idx]
