@@ -1,0 +1,146 @@
+"""Training throughput of bae_core's sparse coders, against EleutherAI's sparsify and the bare encoder matmul.
+
+Measures tokens/s of one full training step (forward, backward, optimiser step) of an SAE at
+d_in=576, 4608 latents, k=32, a batch of 4096 tokens, in fp32 and bf16 (autocast), for the `topk`
+and `binary_topk` activations, and compares in the same run against:
+
+- sparsify's `SparseCoder` (continuous topk only, so it is the reference for both activations),
+  trained the way sparsify's trainer does it, with the same optimiser (sign-SGD in schedulefree's
+  `ScheduleFreeWrapper`, momentum 0.95) and learning rate;
+- the bare dense encoder matmul `F.linear(x, W_enc, b_enc)` (forward only, no grad), the cost that
+  no implementation avoids.
+
+The targets are ratios, not absolute times: >= 1x sparsify's throughput, and a step that costs
+<= 2x the bare encoder matmul. Nothing is asserted; the figures are printed and written to
+benchmarks/results/train_throughput.json. Variants run one after another, never concurrently.
+
+    .venv/bin/python benchmarks/train_throughput.py [--steps 5] [--batch 4096] [--latents 4608] [--k 32] [--d-in 576]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from schedulefree import ScheduleFreeWrapper
+from sparsify import SparseCoder, SparseCoderConfig
+from sparsify.sign_sgd import SignSGD
+
+from bae_core import CoderConfig, TrainConfig, Trainer, build_coder
+
+RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
+WARMUP = 2
+
+
+def time_steps(step, steps: int) -> float:
+    """Median wall-clock seconds of `step()` over `steps` calls, after WARMUP untimed calls."""
+    for _ in range(WARMUP):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
+def bare_matmul(x, args, precision: str, steps: int) -> float:
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    w = torch.randn(args.latents, args.d_in).div_(math.sqrt(args.d_in)).to(dtype)
+    b = torch.zeros(args.latents, dtype=dtype)
+    xs = x.to(dtype)
+    with torch.no_grad():
+        return time_steps(lambda: F.linear(xs, w, b), steps)
+
+
+def sparsify_step(x, args, precision: str, lr: float, steps: int) -> float:
+    torch.manual_seed(0)
+    sae = SparseCoder(args.d_in, SparseCoderConfig(activation="topk", k=args.k, num_latents=args.latents))
+    opt = ScheduleFreeWrapper(SignSGD(sae.parameters(), lr), momentum=0.95)
+    opt.train()
+
+    def step():  # what sparsify's trainer does per step (its own autocast only targets CUDA)
+        with autocast(precision):
+            out = sae(x)
+        out.fvu.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        sae.set_decoder_norm_to_unit_norm()
+
+    return time_steps(step, steps)
+
+
+def our_step(x, args, activation: str, precision: str, lr: float, steps: int) -> float:
+    coder = build_coder(CoderConfig(activation=activation, k=args.k, num_latents=args.latents), args.d_in, seed=0)
+    trainer = Trainer(coder, TrainConfig(optimizer="signum", lr=lr, precision=precision, log_every=0))
+    return time_steps(lambda: trainer.step(x), steps)  # step() calls .item(), so it is synchronous
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=4096, help="tokens per step")
+    parser.add_argument("--latents", type=int, default=4608, help="number of latents M")
+    parser.add_argument("--k", type=int, default=32, help="active latents per token")
+    parser.add_argument("--d-in", type=int, default=576, help="input width")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 2 warm-up steps)")
+    args = parser.parse_args()
+
+    lr = 5e-3 / math.sqrt(args.latents / 2**14)
+    g = torch.Generator().manual_seed(0)
+    # Residual-stream-like activations: a shared offset plus per-dimension scales.
+    x = torch.randn(args.batch, args.d_in, generator=g) * torch.rand(args.d_in, generator=g).add_(0.5) * 3
+    x += torch.randn(args.d_in, generator=g)
+
+    rows = []
+    for precision in ("fp32", "bf16"):
+        matmul_s = bare_matmul(x, args, precision, max(args.steps, 10))
+        ref_s = sparsify_step(x, args, precision, lr, args.steps)
+        timed = [("bare encoder matmul", matmul_s), ("sparsify topk", ref_s)]
+        for activation in ("topk", "binary_topk"):
+            timed.append((f"bae_core {activation}", our_step(x, args, activation, precision, lr, args.steps)))
+        for variant, seconds in timed:
+            rows.append(
+                {
+                    "variant": variant,
+                    "precision": precision,
+                    "s_per_step": seconds,
+                    "tokens_per_s": args.batch / seconds,
+                    "vs_sparsify": None if variant.startswith("bare") else ref_s / seconds,
+                    "vs_matmul": seconds / matmul_s,
+                }
+            )
+
+    print(f"\nbatch={args.batch} d_in={args.d_in} latents={args.latents} k={args.k} steps={args.steps} ", end="")
+    print(f"threads={torch.get_num_threads()} torch={torch.__version__} lr={lr:.3g}")
+    print("vs sparsify = our tokens/s / sparsify tokens/s (>1 is faster; sparsify is topk for both activations)")
+    print("x matmul    = step time / bare encoder matmul time, same precision (goal <= 2.0)\n")
+    header = f"{'variant':<22}{'precision':<11}{'s/step':>9}{'tokens/s':>11}{'vs sparsify':>13}{'x matmul':>10}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        vs = "-" if r["vs_sparsify"] is None else f"{r['vs_sparsify']:.2f}x"
+        print(
+            f"{r['variant']:<22}{r['precision']:<11}{r['s_per_step']:>9.4f}{r['tokens_per_s']:>11.0f}"
+            f"{vs:>13}{r['vs_matmul']:>9.2f}x"
+        )
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    meta = {**vars(args), "lr": lr, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    RESULTS.write_text(json.dumps({"config": meta, "rows": rows}, indent=2) + "\n")
+    print(f"\nwrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
