@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .coder import Code, ForwardOutput, SparseCoder
 from .config import check_choice, check_positive
+from .ops import binary_step
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class TrainConfig:
     """Torch device to train on, e.g. cpu, cuda, cuda:1."""
 
     seed: int = 0
-    """Seed of the coder's initialisation and of any sampling during training."""
+    """Seed of the coder's initialisation when the trainer's caller builds it (`build_coder`)."""
 
     log_every: int = 100
     """Log a line of metrics every this many steps (0: never)."""
@@ -213,7 +214,7 @@ class Trainer:
         coder = self.coder
         x = x.to(self.device, coder.dtype, non_blocking=True)
         y = x if y is None else y.to(self.device, coder.dtype, non_blocking=True)
-        for name, t in (("x", x), ("y", y)):
+        for name, t in (("x", x),) if y is x else (("x", x), ("y", y)):
             bad = (~torch.isfinite(t)).sum().item()
             if bad:
                 raise ValueError(
@@ -300,8 +301,6 @@ class Trainer:
 
     def _l0_penalty(self, out: ForwardOutput) -> Tensor:
         # Differentiable L0 through the threshold's surrogate gradient.
-        from .ops import binary_step
-
         cfg = self.coder.cfg
         gates = binary_step(out.pre_acts, self.coder.threshold, cfg.surrogate, cfg.temperature)
         return (gates.sum(-1).mean() / cfg.k - 1).pow(2)

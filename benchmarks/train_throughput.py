@@ -12,7 +12,8 @@ and `binary_topk` activations, and compares in the same run against:
 
 The targets are ratios, not absolute times: >= 1x sparsify's throughput, and a step that costs
 <= 2x the bare encoder matmul. Nothing is asserted; the figures are printed and written to
-benchmarks/results/train_throughput.json. Variants run one after another, never concurrently.
+benchmarks/results/train_throughput.json. Variants never run concurrently: after 2 warm-up steps each,
+they take turns one timed step at a time, and the median step of each is reported.
 
     .venv/bin/python benchmarks/train_throughput.py [--steps 5] [--batch 4096] [--latents 4608] [--k 32] [--d-in 576]
 """
@@ -39,38 +40,50 @@ RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
 WARMUP = 2
 
 
-def time_steps(step, steps: int) -> float:
-    """Median wall-clock seconds of `step()` over `steps` calls, after WARMUP untimed calls."""
-    for _ in range(WARMUP):
-        step()
-    times = []
+def time_round_robin(steps_by_name: dict, steps: int) -> dict[str, list[float]]:
+    """Wall-clock seconds of `steps` calls of each step function, after WARMUP untimed calls each.
+
+    The variants take turns, one call at a time (never concurrently), so that load from other
+    processes on the machine falls on all of them alike rather than on whichever ran at the time.
+    """
+    for step in steps_by_name.values():
+        for _ in range(WARMUP):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps_by_name}
     for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, step in steps_by_name.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def autocast(precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
-def bare_matmul(x, args, precision: str, steps: int) -> float:
+def bare_matmul(x, args, precision: str):
+    """The dense encoder matmul alone: forward, no grad (bf16 = x and W cast to bfloat16)."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     w = torch.randn(args.latents, args.d_in).div_(math.sqrt(args.d_in)).to(dtype)
     b = torch.zeros(args.latents, dtype=dtype)
     xs = x.to(dtype)
-    with torch.no_grad():
-        return time_steps(lambda: F.linear(xs, w, b), steps)
+
+    @torch.no_grad()
+    def step():
+        F.linear(xs, w, b)
+
+    return step
 
 
-def sparsify_step(x, args, precision: str, lr: float, steps: int) -> float:
+def sparsify_step(x, args, precision: str, lr: float):
+    """What sparsify's trainer does per step (its own autocast only targets CUDA, so ours wraps the forward)."""
     torch.manual_seed(0)
     sae = SparseCoder(args.d_in, SparseCoderConfig(activation="topk", k=args.k, num_latents=args.latents))
     opt = ScheduleFreeWrapper(SignSGD(sae.parameters(), lr), momentum=0.95)
     opt.train()
 
-    def step():  # what sparsify's trainer does per step (its own autocast only targets CUDA)
+    def step():
         with autocast(precision):
             out = sae(x)
         out.fvu.backward()
@@ -79,13 +92,13 @@ def sparsify_step(x, args, precision: str, lr: float, steps: int) -> float:
         opt.zero_grad()
         sae.set_decoder_norm_to_unit_norm()
 
-    return time_steps(step, steps)
+    return step
 
 
-def our_step(x, args, activation: str, precision: str, lr: float, steps: int) -> float:
+def our_step(x, args, activation: str, precision: str, lr: float):
     coder = build_coder(CoderConfig(activation=activation, k=args.k, num_latents=args.latents), args.d_in, seed=0)
     trainer = Trainer(coder, TrainConfig(optimizer="signum", lr=lr, precision=precision, log_every=0))
-    return time_steps(lambda: trainer.step(x), steps)  # step() calls .item(), so it is synchronous
+    return lambda: trainer.step(x)  # step() calls .item(), so it is synchronous
 
 
 def main() -> None:
@@ -105,20 +118,25 @@ def main() -> None:
 
     rows = []
     for precision in ("fp32", "bf16"):
-        matmul_s = bare_matmul(x, args, precision, max(args.steps, 10))
-        ref_s = sparsify_step(x, args, precision, lr, args.steps)
-        timed = [("bare encoder matmul", matmul_s), ("sparsify topk", ref_s)]
-        for activation in ("topk", "binary_topk"):
-            timed.append((f"bae_core {activation}", our_step(x, args, activation, precision, lr, args.steps)))
-        for variant, seconds in timed:
+        variants = {
+            "bare encoder matmul": bare_matmul(x, args, precision),
+            "sparsify topk": sparsify_step(x, args, precision, lr),
+            "bae_core topk": our_step(x, args, "topk", precision, lr),
+            "bae_core binary_topk": our_step(x, args, "binary_topk", precision, lr),
+        }
+        times = time_round_robin(variants, args.steps)
+        seconds = {name: statistics.median(t) for name, t in times.items()}
+        matmul_s, ref_s = seconds["bare encoder matmul"], seconds["sparsify topk"]
+        for variant, s in seconds.items():
             rows.append(
                 {
                     "variant": variant,
                     "precision": precision,
-                    "s_per_step": seconds,
-                    "tokens_per_s": args.batch / seconds,
-                    "vs_sparsify": None if variant.startswith("bare") else ref_s / seconds,
-                    "vs_matmul": seconds / matmul_s,
+                    "s_per_step": s,
+                    "tokens_per_s": args.batch / s,
+                    "vs_sparsify": None if variant == "bare encoder matmul" else ref_s / s,
+                    "vs_matmul": s / matmul_s,
+                    "all_s": times[variant],
                 }
             )
 
