@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from bae_core import CoderConfig, TrainConfig
+from bae_core import ACTIVATIONS, CoderConfig, TrainConfig
 from bae_core.synthetic import SyntheticConfig, SyntheticData, recovery_metrics, train_on_synthetic
 from bae_core.train import build_coder
 
@@ -31,15 +31,7 @@ CASES = [
         if (activation, kind) in KNOWN_FAILURES
         else [],
     )
-    for activation in [
-        "topk",
-        "groupmax",
-        "batchtopk",
-        "jumprelu",
-        "binary_topk",
-        "binary_threshold",
-        "binary_groupmax",
-    ]
+    for activation in ACTIVATIONS
     for kind in ["sae", "skip_transcoder"]
 ]
 
