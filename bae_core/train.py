@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -385,14 +385,3 @@ def batch_entropy(code: Code, num_latents: int) -> Tensor:
         p = p / values.shape[0]
     p = p.clamp(1e-6, 1 - 1e-6)
     return -(p * p.log() + (1 - p) * (1 - p).log()).sum()
-
-
-def iterate_batches(x: Tensor, y: Tensor | None, batch_size: int, *, seed: int = 0) -> Iterator:
-    """Endless shuffled minibatches of an in-memory dataset (epoch after epoch)."""
-    g = torch.Generator().manual_seed(seed)
-    n = x.shape[0]
-    while True:
-        order = torch.randperm(n, generator=g)
-        for start in range(0, n - batch_size + 1, batch_size):
-            idx = order[start : start + batch_size]
-            yield (x[idx], y[idx]) if y is not None else x[idx]
