@@ -99,7 +99,10 @@ class SparseCoder(nn.Module):
 
         self.encoder = nn.Linear(d_in, self.num_latents, device=device, dtype=dtype)
         self.encoder.bias.data.zero_()
-        if cfg.is_transcoder:
+        if cfg.is_transcoder or cfg.activation == "binary_groupmax":
+            # Transcoders start from a zero decoder (method.md). So does a Gumbel binary SAE: it fires
+            # exactly one latent per group on every token, so a tied unit-norm start would add k random
+            # unit vectors to every reconstruction; from zero, each group can learn a "nothing" latent.
             self.W_dec = nn.Parameter(torch.zeros(self.num_latents, d_out, device=device, dtype=dtype))
         else:
             self.W_dec = nn.Parameter(self.encoder.weight.data.clone())

@@ -300,9 +300,15 @@ class Trainer:
         return scale * (residual_hat - residual).pow(2).sum() / total
 
     def _l0_penalty(self, out: ForwardOutput) -> Tensor:
-        # Differentiable L0 through the threshold's surrogate gradient.
+        # Differentiable L0 through the step's surrogate gradient. A binary_threshold code is the gate
+        # itself, so the penalty reaches the encoder as the reconstruction does; through theta alone,
+        # encoder and threshold grow together without bound (the step is scale-invariant) and L0 escapes.
+        # jumprelu keeps the usual form: the L0 gradient reaches theta only.
         cfg = self.coder.cfg
-        gates = binary_step(out.pre_acts, self.coder.threshold, cfg.surrogate, cfg.temperature)
+        if cfg.activation == "binary_threshold":
+            gates = out.code.values
+        else:
+            gates = binary_step(out.pre_acts, self.coder.threshold, cfg.surrogate, cfg.temperature)
         return (gates.sum(-1).mean() / cfg.k - 1).pow(2)
 
     # ---- loops -----------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ Each subcommand imports what it needs when it runs, so `bae --help` stays fast.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -41,8 +40,13 @@ def add_synth_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--features", type=int, default=256, help="number of true features")
     p.add_argument("--dim", type=int, default=64, help="activation width")
     p.add_argument("--mean-active", type=float, default=4.0, help="expected active features per sample")
-    p.add_argument("--latents", type=int, default=512, help="dictionary size of every coder")
-    p.add_argument("--k", type=int, default=8, help="active latents (see CoderConfig.k)")
+    p.add_argument("--latents", type=int, default=None, help="dictionary size of every coder (recipe: 512)")
+    p.add_argument(
+        "--k",
+        type=int,
+        default=None,
+        help="active latents, see CoderConfig.k (recipe: 8; 16 for binary_groupmax, 4 for binary_threshold)",
+    )
     p.add_argument(
         "--activations",
         type=_csv(ACTIVATIONS, "--activations"),
@@ -55,12 +59,20 @@ def add_synth_parser(sub: argparse._SubParsersAction) -> None:
         default=["sae", "skip_transcoder"],
         help=f"comma-separated; from {', '.join(KINDS)}",
     )
-    p.add_argument("--steps", type=int, default=1000, help="training steps per coder")
+    p.add_argument(
+        "--steps", type=int, default=None, help="training steps per coder (recipe: 1000; 2000 for binary_threshold)"
+    )
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--optimizer", choices=("adam", "signum"), default="adam")
-    p.add_argument("--lr", type=float, default=3e-3, help="learning rate (0: the width scaling rule)")
-    p.add_argument("--temperature", type=float, default=0.5, help="surrogate temperature of binary coders")
-    p.add_argument("--init-threshold", type=float, default=0.3, help="initial threshold of binary coders")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate (recipe: 3e-3, 3e-2 for binary_groupmax; 0: the width scaling rule)",
+    )
+    p.add_argument("--temperature", type=float, default=None, help="surrogate temperature of binary coders")
+    p.add_argument("--surrogate", choices=("sigmoid", "rectangle", "identity"), default=None)
+    p.add_argument("--init-threshold", type=float, default=None, help="initial threshold of binary coders")
     p.add_argument("--l0-coef", type=float, default=None, help="L0 penalty for jumprelu/binary_threshold")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--device", default="cpu")
@@ -70,52 +82,65 @@ def add_synth_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_synth(args: argparse.Namespace) -> int:
+    """Options left unset take each activation's measured recipe (`bae_core.synthetic.synthetic_recipe`)."""
     from bae_core.config import CoderConfig
-    from bae_core.synthetic import SyntheticConfig, SyntheticData, recovery_row, train_on_synthetic
+    from bae_core.synthetic import SyntheticConfig, SyntheticData, recovery_row, synthetic_recipe, train_on_synthetic
     from bae_core.train import TrainConfig
 
     data_cfg = SyntheticConfig(
         num_features=args.features, dim=args.dim, mean_active=args.mean_active, regime=args.regime, seed=args.seed
     )
     data = SyntheticData(data_cfg)
-    train_cfg = TrainConfig(
-        optimizer=args.optimizer,
-        lr=args.lr or None,
-        lr_warmup_steps=min(50, args.steps),
-        precision=args.precision,
-        device=args.device,
-        seed=args.seed,
-        log_every=0,
-    )
+    coder_flags = {
+        "num_latents": args.latents,
+        "k": args.k,
+        "temperature": args.temperature,
+        "surrogate": args.surrogate,
+        "init_threshold": args.init_threshold,
+    }
     plan = [(activation, kind) for activation in args.activations for kind in args.kinds]
     if not args.json:
         print(
             f"synthetic {args.regime} truth: {args.features} features in {args.dim} dims, "
-            f"~{args.mean_active:g} active; {len(plan)} coders of {args.latents} latents, k={args.k}, "
-            f"{args.steps} steps x {args.batch_size}",
+            f"~{args.mean_active:g} active; {len(plan)} coders, batch {args.batch_size}",
             file=sys.stderr,
         )
     rows = []
     for activation, kind in plan:
+        recipe = synthetic_recipe(activation)
         coder_cfg = CoderConfig(
             activation=activation,
             kind=kind,
-            k=args.k,
-            num_latents=args.latents,
-            temperature=args.temperature,
-            init_threshold=args.init_threshold,
+            **{**recipe.coder, **{key: value for key, value in coder_flags.items() if value is not None}},
         )
+        train = {**recipe.train, "optimizer": args.optimizer, "precision": args.precision}
+        train.update(device=args.device, seed=args.seed)
+        if args.lr is not None:
+            train["lr"] = args.lr or None
         # The L0 penalty exists only for the activations with a free L0.
-        l0_coef = args.l0_coef if activation in ("jumprelu", "binary_threshold") else None
-        cfg = dataclasses.replace(train_cfg, l0_coef=l0_coef)
+        if args.l0_coef is not None and activation in ("jumprelu", "binary_threshold"):
+            train["l0_coef"] = args.l0_coef
+        steps = args.steps if args.steps is not None else recipe.steps
+        train["lr_warmup_steps"] = min(train["lr_warmup_steps"], steps)
         start = time.perf_counter()
-        _, rec = train_on_synthetic(coder_cfg, data, steps=args.steps, batch_size=args.batch_size, train_cfg=cfg)
-        row = {**recovery_row(coder_cfg, data_cfg, rec), "seconds": round(time.perf_counter() - start, 2)}
+        _, rec = train_on_synthetic(
+            coder_cfg, data, steps=steps, batch_size=args.batch_size, train_cfg=TrainConfig(**train)
+        )
+        row = {
+            **recovery_row(coder_cfg, data_cfg, rec),
+            "steps": steps,
+            "seconds": round(time.perf_counter() - start, 2),
+        }
         rows.append(row)
         if args.json:
             print(json.dumps(row), flush=True)
         else:
-            print(f"  trained {activation} {kind} in {row['seconds']:.1f}s", file=sys.stderr, flush=True)
+            print(
+                f"  trained {activation} {kind} ({coder_cfg.num_latents} latents, k={coder_cfg.k}, {steps} steps) "
+                f"in {row['seconds']:.1f}s",
+                file=sys.stderr,
+                flush=True,
+            )
     if not args.json:
         print(format_table(rows))
     return 0

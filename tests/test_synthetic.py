@@ -8,42 +8,26 @@ import pytest
 import torch
 
 from bae_core import ACTIVATIONS, CoderConfig, TrainConfig
-from bae_core.synthetic import SyntheticConfig, SyntheticData, recovery_metrics, train_on_synthetic
+from bae_core.synthetic import (
+    SyntheticConfig,
+    SyntheticData,
+    recovery_metrics,
+    synthetic_recipe,
+    train_on_synthetic,
+)
 from bae_core.train import build_coder
 
-# The easy setting: 256 true features in 64 dimensions, ~4 active per sample, 512 latents.
-EASY = dict(num_latents=512, k=8, temperature=0.5, init_threshold=0.3)
-TRAIN = dict(optimizer="adam", lr=3e-3, lr_warmup_steps=50, log_every=0)
-
-KNOWN_FAILURES = {
-    # Measured: MMCS ~0.45 (dense binary SAE settles at L0 15-55 and FVU ~0.85 even with the L0 penalty).
-    ("binary_threshold", "sae"): "dense binary SAE does not recover the features in this budget",
-    # Measured: MMCS 0.35-0.82 (Gumbel coders need exactly one active latent per group).
-    ("binary_groupmax", "sae"): "Gumbel binary coder does not recover the features in this budget",
-    ("binary_groupmax", "skip_transcoder"): "Gumbel binary coder does not recover the features in this budget",
-}
-
-CASES = [
-    pytest.param(
-        activation,
-        kind,
-        marks=[pytest.mark.xfail(reason=KNOWN_FAILURES[(activation, kind)], strict=True)]
-        if (activation, kind) in KNOWN_FAILURES
-        else [],
-    )
-    for activation in ACTIVATIONS
-    for kind in ["sae", "skip_transcoder"]
-]
+CASES = [(activation, kind) for activation in ACTIVATIONS for kind in ["sae", "skip_transcoder"]]
 
 
 @pytest.mark.parametrize("activation, kind", CASES)
 def test_coder_recovers_features_of_its_matching_regime(activation, kind):
-    # binary_threshold has a free L0: the penalty holds it near k=4 (the true ~4 active features).
-    free_l0 = activation == "binary_threshold"
-    cfg = CoderConfig(activation=activation, kind=kind, **{**EASY, "k": 4 if free_l0 else EASY["k"]})
+    # The easy setting: 256 true features in 64 dimensions, ~4 active per sample, 512 latents.
+    recipe = synthetic_recipe(activation)
+    cfg = CoderConfig(activation=activation, kind=kind, **recipe.coder)
     data = SyntheticData(SyntheticConfig(regime="binary" if cfg.is_binary else "continuous"))
-    train = TrainConfig(**TRAIN, l0_coef=1.0 if free_l0 else None)
-    _, rec = train_on_synthetic(cfg, data, steps=1000, batch_size=1024, train_cfg=train)
+    train = TrainConfig(**recipe.train)
+    _, rec = train_on_synthetic(cfg, data, steps=recipe.steps, batch_size=1024, train_cfg=train)
     assert rec.mmcs >= 0.9, rec
     assert rec.hungarian_cos >= 0.85, rec
     assert rec.fvu < 0.35, rec
@@ -51,7 +35,8 @@ def test_coder_recovers_features_of_its_matching_regime(activation, kind):
 
 def test_untrained_coder_does_not_recover_features():
     data = SyntheticData(SyntheticConfig(regime="binary"))
-    rec = recovery_metrics(build_coder(CoderConfig(activation="binary_topk", **EASY), 64), data)
+    cfg = CoderConfig(activation="binary_topk", **synthetic_recipe("binary_topk").coder)
+    rec = recovery_metrics(build_coder(cfg, 64), data)
     assert rec.mmcs < 0.6
 
 
