@@ -1,0 +1,146 @@
+"""The activation cache format: packing, manifests, atomic shards and corruption checks (no Ray)."""
+
+from dataclasses import replace
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from bae_core.cache import (
+    CacheError,
+    CacheManifest,
+    HookpointInfo,
+    build_table,
+    describe_existing_shard,
+    load_manifest,
+    open_cache,
+    open_filesystem,
+    pack_activations,
+    unpack_activations,
+    verify_cache,
+    write_shard,
+)
+
+
+def manifest(**overrides) -> CacheManifest:
+    kwargs = dict(
+        model="embedded:SmolLM2-135M-Instruct",
+        revision="abc",
+        dataset="embedded",
+        hookpoints={"layers.9.mlp": HookpointInfo({"input": 5, "output": 5})},
+        dtype="float16",
+        seq_len=4,
+        sequences_per_unit=2,
+        heldout_fraction=0.1,
+        seed=0,
+        max_tokens={"train": 100, "heldout": 20},
+    )
+    return CacheManifest(**{**kwargs, **overrides})
+
+
+def tokens(n_seq: int, seq_len: int) -> dict[str, np.ndarray]:
+    return {
+        "seq_index": np.repeat(np.arange(n_seq), seq_len),
+        "position": np.tile(np.arange(seq_len), n_seq),
+        "token_id": np.arange(n_seq * seq_len),
+        "doc_id": np.array(["kjv/Genesis/1"] * (n_seq * seq_len)),
+        "doc_position": np.arange(n_seq * seq_len),
+    }
+
+
+@pytest.mark.parametrize("width", [6, 5])
+def test_float16_packing_round_trips_every_bit_pattern(width):
+    bits = np.arange(65536, dtype=np.uint16)
+    bits = np.concatenate([bits, np.zeros((-len(bits)) % width, np.uint16)]).reshape(-1, width)
+    values = bits.view(np.float16).astype(np.float32)
+    back = unpack_activations(pack_activations(values, "float16"), "float16", width)
+    finite = np.isfinite(values)
+    assert back.shape == values.shape
+    np.testing.assert_array_equal(back[finite], values[finite])
+    assert np.array_equal(np.isnan(back), np.isnan(values)) and np.array_equal(np.isinf(back), np.isinf(values))
+
+
+def test_float32_storage_is_exact_and_float16_is_close():
+    x = torch.randn(10, 7)
+    np.testing.assert_array_equal(unpack_activations(pack_activations(x, "float32"), "float32", 7), x.numpy())
+    half = unpack_activations(pack_activations(x, "float16"), "float16", 7)
+    np.testing.assert_allclose(half, x.numpy(), rtol=1e-3, atol=1e-3)
+    # Ray Data hands a fixed-size list column over as a 2-d numpy array of the stored type.
+    stored = pack_activations(x, "float16").values.to_numpy().reshape(10, 4)
+    np.testing.assert_array_equal(unpack_activations(stored, "float16", 7), half)
+
+
+def test_shards_are_written_atomically_and_verified(tmp_path):
+    root = str(tmp_path / "cache")
+    fs, base = open_filesystem(root)
+    table = build_table(tokens(2, 4), {"input": np.ones((8, 5)), "output": np.zeros((8, 5))}, "float16")
+    rec = write_shard(fs, base, "train", "layers.9.mlp", 0, table, node="n1")
+    assert rec.rows == 8 and rec.path == "train/layers.9.mlp/shard-00000.parquet" and rec.node == "n1"
+    assert sorted(p.name for p in (tmp_path / "cache/train/layers.9.mlp").iterdir()) == ["shard-00000.parquet"]
+    read = pq.read_table(tmp_path / "cache" / rec.path)
+    assert read.column_names == ["seq_index", "position", "token_id", "doc_id", "doc_position", "input", "output"]
+    np.testing.assert_array_equal(unpack_activations(read.column("input"), "float16", 5), np.ones((8, 5)))
+
+    m = manifest(shards=[rec], complete=True, splits={"train": {"units": 1}})
+    m.save(fs, base)
+    assert verify_cache(root) == 1
+    assert load_manifest(root) == m
+
+    path = tmp_path / "cache" / rec.path
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(CacheError, match=r"shard-00000.parquet is corrupt or truncated.*run `bae cache` again"):
+        verify_cache(root)
+    # A file under its final name that cannot be read is not adopted on resume; a good one is.
+    assert describe_existing_shard(fs, base, "train", "layers.9.mlp", 0, expected_rows=8) is None
+    path.write_bytes(data)
+    assert describe_existing_shard(fs, base, "train", "layers.9.mlp", 0, expected_rows=8) == replace(rec, node="")
+    assert describe_existing_shard(fs, base, "train", "layers.9.mlp", 0, expected_rows=9) is None
+    path.unlink()
+    with pytest.raises(CacheError, match="shard-00000.parquet is missing"):
+        verify_cache(root)
+
+
+def test_uri_roots_use_pyarrow_filesystems(tmp_path):
+    root = f"file://{tmp_path}/remote"
+    fs, base = open_filesystem(root)
+    rec = write_shard(
+        fs, base, "heldout", "layers.3", 7, build_table(tokens(1, 4), {"output": np.ones((4, 3))}, "float32")
+    )
+    m = manifest(hookpoints={"layers.3": HookpointInfo({"output": 3})}, shards=[rec], complete=True)
+    m.save(fs, base)
+    assert (tmp_path / "remote/heldout/layers.3/shard-00007.parquet").exists()
+    assert open_cache(root).shards == [rec]
+    assert verify_cache(root) == 1
+    with pytest.raises(CacheError, match="cannot open 'nosuchscheme://x'"):
+        open_filesystem("nosuchscheme://x")
+
+
+def test_manifest_refuses_other_settings_and_unfinished_caches(tmp_path):
+    with pytest.raises(CacheError, match=r"seq_len: the cache at /c was made with 4, not 8"):
+        manifest().check_matches(manifest(seq_len=8), "/c")
+    manifest().check_matches(manifest(shards=[], complete=True), "/c")  # progress is not a setting
+    with pytest.raises(CacheError, match="no manifest.json under .*; create it with `bae cache`"):
+        open_cache(str(tmp_path))
+    fs, base = open_filesystem(str(tmp_path))
+    manifest().save(fs, base)
+    with pytest.raises(CacheError, match="is unfinished; run `bae cache` again"):
+        open_cache(str(tmp_path))
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(CacheError, match="manifest.json: not valid JSON"):
+        load_manifest(str(tmp_path))
+
+
+def test_finished_units_need_every_hookpoint(tmp_path):
+    fs, base = open_filesystem(str(tmp_path))
+    m = manifest(hookpoints={"layers.3": HookpointInfo({"output": 3}), "layers.5": HookpointInfo({"output": 3})})
+    t = build_table(tokens(1, 4), {"output": np.ones((4, 3))}, "float16")
+    m.add(write_shard(fs, base, "train", "layers.3", 0, t))
+    assert m.finished_units("train") == set()
+    m.add(write_shard(fs, base, "train", "layers.5", 0, t))
+    m.add(write_shard(fs, base, "train", "layers.5", 0, t))  # rewriting a shard replaces its record
+    assert m.finished_units("train") == {0} and len(m.shards) == 2
+    assert m.tokens("train") == 4
+    with pytest.raises(CacheError, match="hookpoint 'layers.7': not in this cache; it has layers.3, layers.5"):
+        m.shards_of("train", "layers.7")
