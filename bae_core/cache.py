@@ -369,3 +369,79 @@ def shard_uris(root: str, manifest: CacheManifest, split: str, hookpoint: str) -
 
 def units_for(num_sequences: int, sequences_per_unit: int) -> int:
     return math.ceil(num_sequences / sequences_per_unit)
+
+
+# ---- reading activations for training and evaluation ---------------------------------------------
+
+
+def coder_columns(manifest: CacheManifest, hookpoint: str, transcoder: bool) -> tuple[str, str | None]:
+    """The (x, y) columns a coder trains on: an SAE reconstructs the module's output (sparsify's
+    convention); a transcoder maps the module's input to its output."""
+    columns = manifest.hookpoints[hookpoint].columns if hookpoint in manifest.hookpoints else None
+    if columns is None:
+        raise CacheError(f"hookpoint {hookpoint!r}: not in this cache; it has {', '.join(manifest.hookpoints)}")
+    if not transcoder:
+        return "output", None
+    if "input" not in columns:
+        raise CacheError(
+            f"hookpoint {hookpoint!r}: a transcoder needs the module's input and output; this hookpoint caches "
+            "only the residual stream (use an MLP hookpoint such as layers.9.mlp)"
+        )
+    return "input", "output"
+
+
+def iter_activation_batches(
+    root: str,
+    hookpoint: str,
+    *,
+    split: str = "train",
+    batch_size: int = 4096,
+    transcoder: bool = False,
+    shuffle_seed: int | None = 0,
+    epochs: int | None = 1,
+    manifest: CacheManifest | None = None,
+    shard_slice: tuple[int, int] = (0, 1),
+):
+    """Batches of float32 tensors from a cache, read in-process with pyarrow (no Ray needed).
+
+    Yields `x` for an SAE and `(x, y)` for a transcoder. Shards are visited in a seeded order per
+    epoch (`epochs=None` repeats forever) and rows are shuffled within a window of shards.
+    `shard_slice=(i, n)` reads every n-th shard starting at i (a worker's share). A batch never
+    mixes epochs; the last batch of an epoch may be smaller.
+    """
+    manifest = manifest or open_cache(root)
+    x_col, y_col = coder_columns(manifest, hookpoint, transcoder)
+    widths = manifest.hookpoints[hookpoint].columns
+    shards = manifest.shards_of(split, hookpoint)[shard_slice[0] :: shard_slice[1]]
+    if not shards:
+        raise CacheError(f"cache {root}: no {split} shards of {hookpoint} for worker {shard_slice[0]}")
+    columns = [x_col] + ([y_col] if y_col else [])
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        order = np.arange(len(shards))
+        rng = np.random.default_rng(None if shuffle_seed is None else (shuffle_seed, epoch))
+        if shuffle_seed is not None:
+            rng.shuffle(order)
+        pending: list[np.ndarray] = []
+        for i in order:
+            table = read_shard(root, shards[i], columns)
+            arrays = [unpack_activations(table.column(c), manifest.dtype, widths[c]) for c in columns]
+            block = np.concatenate(arrays, axis=1) if len(arrays) > 1 else arrays[0]
+            if shuffle_seed is not None:
+                block = block[rng.permutation(len(block))]
+            pending.append(block)
+            rows = sum(len(b) for b in pending)
+            if rows >= batch_size:
+                merged = np.concatenate(pending)
+                full = (len(merged) // batch_size) * batch_size
+                for start in range(0, full, batch_size):
+                    yield _as_batch(merged[start : start + batch_size], widths[x_col] if y_col else None)
+                pending = [merged[full:]] if full < len(merged) else []
+        if pending and sum(len(b) for b in pending):
+            yield _as_batch(np.concatenate(pending), widths[x_col] if y_col else None)
+        epoch += 1
+
+
+def _as_batch(block: np.ndarray, x_width: int | None):
+    t = torch.from_numpy(np.ascontiguousarray(block))
+    return t if x_width is None else (t[:, :x_width].contiguous(), t[:, x_width:].contiguous())

@@ -12,7 +12,9 @@ from bae_core.cache import (
     CacheManifest,
     HookpointInfo,
     build_table,
+    coder_columns,
     describe_existing_shard,
+    iter_activation_batches,
     load_manifest,
     open_cache,
     open_filesystem,
@@ -144,3 +146,33 @@ def test_finished_units_need_every_hookpoint(tmp_path):
     assert m.tokens("train") == 4
     with pytest.raises(CacheError, match="hookpoint 'layers.7': not in this cache; it has layers.3, layers.5"):
         m.shards_of("train", "layers.7")
+
+
+def test_activation_batches_visit_every_row_once_per_epoch(tmp_path):
+    root = str(tmp_path)
+    fs, base = open_filesystem(root)
+    m = manifest(dtype="float32", complete=True)
+    values = torch.arange(3 * 8 * 10, dtype=torch.float32).reshape(3, 8, 10)  # 3 shards of 8 rows
+    for unit in range(3):
+        t = build_table(tokens(2, 4), {"input": values[unit, :, :5], "output": values[unit, :, 5:]}, "float32")
+        m.add(write_shard(fs, base, "train", "layers.9.mlp", unit, t))
+    m.save(fs, base)
+
+    batches = list(iter_activation_batches(root, "layers.9.mlp", batch_size=5, epochs=2))
+    assert [len(b) for b in batches] == [5, 5, 5, 5, 4] * 2
+    first = torch.cat(batches[:5])
+    assert sorted(first[:, 0].tolist()) == sorted(values[:, :, 5].flatten().tolist())  # SAE: the output
+    assert not torch.equal(torch.cat(batches[:5]), torch.cat(batches[5:]))  # reshuffled per epoch
+
+    pairs = list(iter_activation_batches(root, "layers.9.mlp", batch_size=24, transcoder=True, shuffle_seed=None))
+    ((x, y),) = pairs
+    torch.testing.assert_close(x, values[:, :, :5].reshape(24, 5))
+    torch.testing.assert_close(y, values[:, :, 5:].reshape(24, 5))
+
+    share = list(iter_activation_batches(root, "layers.9.mlp", batch_size=100, shard_slice=(1, 2)))
+    assert len(share) == 1 and len(share[0]) == 8  # worker 1 of 2 reads the middle shard only
+    with pytest.raises(CacheError, match="no heldout shards of layers.9.mlp"):
+        next(iter_activation_batches(root, "layers.9.mlp", split="heldout"))
+    m2 = manifest(hookpoints={"layers.3": HookpointInfo({"output": 3})})
+    with pytest.raises(CacheError, match="a transcoder needs the module's input and output"):
+        coder_columns(m2, "layers.3", transcoder=True)
