@@ -178,6 +178,11 @@ class Trainer:
             warmup = max(cfg.lr_warmup_steps, 1)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
 
+        # What runs the forward pass: the coder itself, or a DistributedDataParallel wrapper of it
+        # (`distribute`), which averages gradients across workers during backward.
+        self.forward_module: torch.nn.Module = coder
+        self.initialized = False
+
         m = coder.num_latents
         self.step_count = 0
         self.tokens_seen = 0
@@ -221,12 +226,12 @@ class Trainer:
                     f"{name}: training batch {self.step_count} contains {bad} NaN or inf values; "
                     "no update was made (check the activation source or cache)"
                 )
-        if self.step_count == 0:
+        if self.step_count == 0 and not self.initialized:
             self._init_from_batch(x, y)
         self.train_mode()
 
         with self.autocast():
-            out = coder(x, y)
+            out = self.forward_module(x, y)
             loss = out.fvu
             auxk = self._auxk_loss(x, y, out) if self.cfg.auxk_alpha else None
             if auxk is not None:
@@ -278,9 +283,26 @@ class Trainer:
             )
         return metrics
 
+    def distribute(self, first_batch: Tensor | tuple[Tensor, Tensor] | None = None, **ddp_kwargs) -> None:
+        """Train data-parallel in an initialised `torch.distributed` process group (Ray Train sets one up).
+
+        The data-dependent initialisation runs on `first_batch` first (unless resuming), then the coder is
+        wrapped in `DistributedDataParallel`, whose constructor broadcasts rank 0's parameters, so every
+        worker starts from the same point and gradients are averaged in every backward pass.
+        """
+        from torch.nn.parallel import DistributedDataParallel
+
+        if self.step_count == 0 and first_batch is not None:
+            x, y = first_batch if isinstance(first_batch, (tuple, list)) else (first_batch, None)
+            x = x.to(self.device, self.coder.dtype)
+            self._init_from_batch(x, x if y is None else y.to(self.device, self.coder.dtype))
+        device_ids = [self.device.index or 0] if self.device.type == "cuda" else None
+        self.forward_module = DistributedDataParallel(self.coder, device_ids=device_ids, **ddp_kwargs)
+
     @torch.no_grad()
     def _init_from_batch(self, x: Tensor, y: Tensor) -> None:
         """Data-dependent initialisation (method.md): b_dec = mean(y); transcoders centre pre."""
+        self.initialized = True
         coder = self.coder
         coder.b_dec.data.copy_(y.mean(0))
         if coder.cfg.is_transcoder:

@@ -1,0 +1,37 @@
+"""Connecting to Ray: a local cluster started for you, `RAY_ADDRESS`, or an explicit address."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True) -> None:
+    """Join the Ray cluster at `address` (or `RAY_ADDRESS`), or start a local one when neither is set.
+
+    Inside `ray job submit` the driver already runs on the cluster and `RAY_ADDRESS` is set for it.
+    An unreachable address is a ConnectionError that names it.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    # A later `ray start --head` turns token auth on once any ray.init() has written ~/.ray/auth_token;
+    # local use is consistent only when every process agrees, so default to no auth unless asked.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs = {"log_to_driver": not quiet, "logging_level": logging.WARNING} if quiet else {}
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    except (ConnectionError, TimeoutError, RuntimeError) as err:
+        where = address or "a new local cluster"
+        raise ConnectionError(
+            f"ray: cannot connect to {where}: {err}. Check the address (RAY_ADDRESS or --address), "
+            "that the head node is up (`ray status`), and that this machine can reach it"
+        ) from err
+    log.info("ray: connected to %s", ray.get_runtime_context().gcs_address)

@@ -1,0 +1,150 @@
+"""`bae train`: one coder per hookpoint with Ray Train's `TorchTrainer`.
+
+cache shards of the hookpoint (Ray Data, read_parquet) -> split across the workers
+  -> each worker: bae_core Trainer, data-parallel (DistributedDataParallel) when there are several
+  -> every `checkpoint_every` steps rank 0 reports a checkpoint (sae.safetensors + cfg.json + the
+     trainer's state); after an interruption the run resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bae_core.cache import coder_columns, open_cache, shard_uris, unpack_activations
+from bae_core.config import CoderConfig, check_positive
+from bae_core.train import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainJob:
+    """One coder on one hookpoint of a cache."""
+
+    cache: str
+    hookpoint: str
+    out: str
+    """Run folder: Ray Train's storage for checkpoints and results."""
+    coder: dict = field(default_factory=dict)
+    """`CoderConfig` fields."""
+    train: dict = field(default_factory=dict)
+    """`TrainConfig` fields."""
+    steps: int = 1000
+    batch_size: int = 4096
+    checkpoint_every: int = 200
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_failures: int = 2
+    """Restarts from the last checkpoint after a worker or node dies."""
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "checkpoint_every", "workers"):
+            check_positive(key, getattr(self, key), integer=True)
+        check_positive("cpus_per_worker", self.cpus_per_worker)
+        CoderConfig.from_dict(self.coder)  # fail here, with the field named, not inside a worker
+        TrainConfig.from_dict(self.train)
+
+    @property
+    def run_name(self) -> str:
+        return self.name or self.hookpoint
+
+
+def _batches(job: TrainJob, dtype: str, widths: dict[str, int], x_col: str, y_col: str | None):
+    """Endless (x, y) float32 batches from this worker's dataset shard (epochs repeat)."""
+    import ray.train
+    import torch
+
+    shard = ray.train.get_dataset_shard("train")
+    while True:
+        for batch in shard.iter_batches(batch_size=job.batch_size, batch_format="numpy", drop_last=True):
+            x = torch.from_numpy(unpack_activations(batch[x_col], dtype, widths[x_col]))
+            y = torch.from_numpy(unpack_activations(batch[y_col], dtype, widths[y_col])) if y_col else None
+            yield x, y
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The Ray Train worker: builds or restores the coder and trains it for `job.steps` steps."""
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+
+    from bae_core.train import Trainer, build_coder
+
+    job = TrainJob(**config["job"])
+    manifest = open_cache(job.cache)
+    ccfg = CoderConfig.from_dict(job.coder)
+    x_col, y_col = coder_columns(manifest, job.hookpoint, ccfg.is_transcoder)
+    widths = manifest.hookpoints[job.hookpoint].columns
+    ctx = ray.train.get_context()
+    device = "cuda" if job.gpus_per_worker and torch.cuda.is_available() else "cpu"
+    tcfg = TrainConfig.from_dict({**job.train, "device": device})
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            trainer = Trainer.load_checkpoint(d, device=device)
+        log.info("resuming %s at step %d", job.run_name, trainer.step_count)
+    else:
+        trainer = Trainer(build_coder(ccfg, widths[x_col], widths[y_col] if y_col else None, seed=tcfg.seed), tcfg)
+    batches = _batches(job, manifest.dtype, widths, x_col, y_col)
+    if ctx.get_world_size() > 1:
+        trainer.distribute(next(batches))
+
+    while trainer.step_count < job.steps:
+        x, y = next(batches)
+        m = trainer.step(x, y)
+        if trainer.step_count % job.checkpoint_every == 0 or trainer.step_count == job.steps:
+            metrics = {**dataclasses.asdict(m), "hookpoint": job.hookpoint}
+            if ctx.get_world_rank() == 0:
+                with tempfile.TemporaryDirectory() as d:
+                    trainer.save_checkpoint(d)
+                    trainer.train_mode()
+                    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+            else:
+                ray.train.report(metrics)
+
+
+def run_train(job: TrainJob):
+    """Train `job` with a `TorchTrainer`; returns Ray's `Result` (its checkpoint holds the coder)."""
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    manifest = open_cache(job.cache)
+    x_col, y_col = coder_columns(manifest, job.hookpoint, CoderConfig.from_dict(job.coder).is_transcoder)
+    uris = shard_uris(job.cache, manifest, "train", job.hookpoint)
+    ds = ray.data.read_parquet(uris).select_columns([x_col] + ([y_col] if y_col else []))
+    resources = {"CPU": job.cpus_per_worker}
+    if job.gpus_per_worker:
+        resources["GPU"] = job.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": dataclasses.asdict(job)},
+        scaling_config=ScalingConfig(
+            num_workers=job.workers, use_gpu=bool(job.gpus_per_worker), resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=job.run_name,
+            storage_path=str(Path(job.out).expanduser().resolve()) if "://" not in job.out else job.out,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=job.max_failures),
+        ),
+        datasets={"train": ds},
+    )
+    return trainer.fit()
+
+
+def export_coder(result, dest: str | Path) -> Path:
+    """Copy the final coder (sae.safetensors + cfg.json + trainer state) out of a Ray result."""
+    dest = Path(dest)
+    with result.checkpoint.as_directory() as d:
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in Path(d).iterdir():
+            (dest / f.name).write_bytes(f.read_bytes())
+    return dest
