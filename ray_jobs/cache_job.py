@@ -1,0 +1,266 @@
+"""`bae cache`: language-model activations into parquet shards, with a Ray Data actor pool.
+
+    documents -> train / held-out split by document -> fixed-length token sequences (the driver)
+      -> units of sequences (a Ray dataset, one row per unit still to do)
+      -> an actor pool; each actor holds the model, runs batched capture and writes one shard
+         per hookpoint per unit (atomically) -> shard records back to the driver -> manifest.json
+
+Re-running with the same arguments resumes: finished units are skipped, and a shard that was
+renamed into place just before a crash is adopted after a check. Other settings on an existing
+cache are refused with the setting named.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from bae_core.cache import (
+    SPLITS,
+    STORAGE_DTYPES,
+    CacheError,
+    CacheManifest,
+    HookpointInfo,
+    ShardRecord,
+    build_table,
+    describe_existing_shard,
+    load_manifest,
+    open_filesystem,
+    units_for,
+    write_shard,
+)
+from bae_core.config import check_choice, check_positive
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CacheRequest:
+    """What to cache and how."""
+
+    root: str
+    """Local path or pyarrow filesystem URI (e.g. s3://bucket/cache)."""
+    hookpoints: list[str]
+    model: str = "embedded:SmolLM2-135M-Instruct"
+    revision: str | None = None
+    dataset: str = "embedded"
+    text_column: str = "text"
+    seq_len: int = 128
+    train_tokens: int | None = 200_000
+    """Token budget of the training split (None: every training document)."""
+    heldout_tokens: int | None = 50_000
+    heldout_fraction: float = 0.1
+    seed: int = 0
+    dtype: str = "float16"
+    sequences_per_unit: int = 64
+    batch_size: int = 16
+    """Sequences per forward pass inside an actor."""
+    actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    device: str | None = None
+    """Torch device of the model in each actor (default: cuda when the actor has a GPU)."""
+
+    def __post_init__(self) -> None:
+        if not self.hookpoints:
+            raise ValueError("hookpoints: name at least one, e.g. layers.9.mlp")
+        check_choice("dtype", self.dtype, STORAGE_DTYPES)
+        for name in ("seq_len", "sequences_per_unit", "batch_size", "actors"):
+            check_positive(name, getattr(self, name), integer=True)
+        check_positive("cpus_per_actor", self.cpus_per_actor)
+        if self.gpus_per_actor < 0:
+            raise ValueError(f"gpus_per_actor: must be >= 0, got {self.gpus_per_actor}")
+        for name in ("train_tokens", "heldout_tokens"):
+            value = getattr(self, name)
+            if value is not None:
+                check_positive(name, value, integer=True)
+        if not 0 < self.heldout_fraction < 1:
+            raise ValueError(f"heldout_fraction: must be between 0 and 1 (exclusive), got {self.heldout_fraction}")
+
+
+class _CaptureWriter:
+    """Ray Data actor: holds the model, captures a unit's activations and writes its shards."""
+
+    def __init__(self, req: CacheRequest, hookpoints: list[str]):
+        import torch
+
+        from bae_core.lm import load_model, resolve_hookpoints
+
+        self.req = req
+        device = req.device or ("cuda" if req.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu")
+        self.loaded = load_model(req.model, revision=req.revision, device=device)
+        self.hookpoints = resolve_hookpoints(self.loaded, hookpoints)
+        self.device = device
+        self.fs, self.base = open_filesystem(req.root)
+        self.node = socket.gethostname()
+        try:
+            import ray
+
+            self.node = ray.get_runtime_context().get_node_id()
+        except Exception:  # noqa: BLE001 - provenance only
+            pass
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from bae_core.lm import capture
+
+        out: dict[str, list] = {
+            k: [] for k in ("split", "hookpoint", "unit", "path", "rows", "sha256", "bytes", "node")
+        }
+        for i in range(len(batch["unit"])):
+            split, unit = str(batch["split"][i]), int(batch["unit"][i])
+            token_ids = np.asarray(batch["token_ids"][i], dtype=np.int64)
+            n, t = token_ids.shape
+            acts: dict[str, dict[str, list]] = {h.name: {} for h in self.hookpoints}
+            for start in range(0, n, self.req.batch_size):
+                ids = torch.from_numpy(token_ids[start : start + self.req.batch_size]).to(self.device)
+                captured = capture(self.loaded, ids, self.hookpoints)
+                for name, cols in captured.items():
+                    for col, value in cols.items():
+                        acts[name].setdefault(col, []).append(value.reshape(-1, value.shape[-1]).float().cpu())
+            tokens = {
+                "seq_index": np.repeat(np.asarray(batch["seq_index"][i]), t),
+                "position": np.tile(np.arange(t), n),
+                "token_id": token_ids.reshape(-1),
+                "doc_id": np.asarray(batch["doc_id"][i]).reshape(-1),
+                "doc_position": np.asarray(batch["doc_position"][i]).reshape(-1),
+            }
+            for name, cols in acts.items():
+                columns = {col: torch.cat(parts).numpy() for col, parts in cols.items()}
+                table = build_table(tokens, columns, self.req.dtype)
+                rec = write_shard(self.fs, self.base, split, name, unit, table, node=self.node)
+                for key in out:
+                    out[key].append(getattr(rec, key))
+        return {key: np.asarray(values) for key, values in out.items()}
+
+
+def plan_sequences(req: CacheRequest, tokenizer) -> dict[str, dict[str, np.ndarray]]:
+    """Tokenise the split documents into fixed-length sequences (columns per split)."""
+    from bae_core.text import load_documents, sequences_to_columns, split_documents, tokenize_documents
+
+    docs = load_documents(req.dataset, text_column=req.text_column)
+    train_docs, heldout_docs = split_documents(docs, heldout_fraction=req.heldout_fraction, seed=req.seed)
+    plans = {}
+    for split, split_docs, budget in (
+        ("train", train_docs, req.train_tokens),
+        ("heldout", heldout_docs, req.heldout_tokens),
+    ):
+        seqs = list(tokenize_documents(split_docs, tokenizer, req.seq_len, max_tokens=budget))
+        if not seqs:
+            raise ValueError(
+                f"{split}: no complete sequence of seq_len={req.seq_len} tokens; lower seq_len or add documents"
+            )
+        cols = sequences_to_columns(seqs)
+        cols["doc_id"] = np.asarray([d.doc_id for d in split_docs])[cols.pop("doc_index")]
+        cols["documents"] = np.asarray(len(np.unique(cols["doc_id"])))
+        plans[split] = cols
+    return plans
+
+
+def run_cache(req: CacheRequest, *, progress=None) -> CacheManifest:
+    """Create or resume the cache described by `req`; returns the finished manifest."""
+    from bae_core.lm import load_model, resolve_hookpoints
+
+    fs, base = open_filesystem(req.root)
+    loaded = load_model(req.model, revision=req.revision)
+    hooks = resolve_hookpoints(loaded, req.hookpoints)
+    wanted = CacheManifest(
+        model=req.model,
+        revision=loaded.revision,
+        dataset=req.dataset,
+        hookpoints={
+            h.name: HookpointInfo(columns={"input": h.d_in, "output": h.d_out} if h.has_input else {"output": h.d_out})
+            for h in hooks
+        },
+        dtype=req.dtype,
+        seq_len=req.seq_len,
+        sequences_per_unit=req.sequences_per_unit,
+        heldout_fraction=req.heldout_fraction,
+        seed=req.seed,
+        max_tokens={"train": req.train_tokens, "heldout": req.heldout_tokens},
+    )
+    manifest = load_manifest(req.root)
+    if manifest is None:
+        manifest = wanted
+    else:
+        manifest.check_matches(wanted, req.root)
+
+    plans = plan_sequences(req, loaded.tokenizer)
+    del loaded
+    items = []
+    for split in SPLITS:
+        cols = plans[split]
+        n = len(cols["seq_index"])
+        units = units_for(n, req.sequences_per_unit)
+        manifest.splits[split] = {
+            "documents": int(cols["documents"]),
+            "sequences": n,
+            "tokens": n * req.seq_len,
+            "units": units,
+        }
+        finished = manifest.finished_units(split)
+        for unit in range(units):
+            lo, hi = unit * req.sequences_per_unit, min(n, (unit + 1) * req.sequences_per_unit)
+            if unit not in finished:
+                # A shard renamed into place just before a crash is complete; adopt it after a check.
+                adopted = [
+                    describe_existing_shard(fs, base, split, name, unit, (hi - lo) * req.seq_len)
+                    for name in manifest.hookpoints
+                ]
+                if all(adopted):
+                    for rec in adopted:
+                        manifest.add(rec)
+                    continue
+                items.append(
+                    {
+                        "split": split,
+                        "unit": unit,
+                        "seq_index": cols["seq_index"][lo:hi],
+                        "token_ids": cols["token_ids"][lo:hi],
+                        "doc_id": cols["doc_id"][lo:hi],
+                        "doc_position": cols["doc_position"][lo:hi],
+                    }
+                )
+    manifest.complete = False
+    manifest.save(fs, base)
+    total = sum(manifest.splits[s]["units"] for s in SPLITS)
+    log.info("cache: %d of %d units to write", len(items), total)
+    if items:
+        _write_units(req, manifest, items, fs, base, progress)
+    missing = [s for s in SPLITS if len(manifest.finished_units(s)) != manifest.splits[s]["units"]]
+    if missing:
+        raise CacheError(f"cache: units of {', '.join(missing)} are still missing; run `bae cache` again to finish")
+    manifest.complete = True
+    manifest.save(fs, base)
+    return manifest
+
+
+def _write_units(req, manifest, items, fs, base, progress) -> None:
+    import ray
+
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    resources = {"num_cpus": req.cpus_per_actor}
+    if req.gpus_per_actor:
+        resources["num_gpus"] = req.gpus_per_actor
+    records = ds.map_batches(
+        _CaptureWriter,
+        fn_constructor_args=(req, list(manifest.hookpoints)),
+        batch_size=1,
+        concurrency=req.actors,
+        scheduling_strategy="SPREAD",
+        **resources,
+    )
+    last_save = time.monotonic()
+    for done, row in enumerate(records.iter_rows(), start=1):
+        manifest.add(ShardRecord(**{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}))
+        if progress is not None:
+            progress(done, len(items) * len(manifest.hookpoints))
+        if time.monotonic() - last_save > 10:  # a crash of the driver loses at most ~10 s of records
+            manifest.save(fs, base)
+            last_save = time.monotonic()
+    manifest.save(fs, base)
