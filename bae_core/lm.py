@@ -108,6 +108,7 @@ def load_model(
             )
         gguf, digest = _embedded_gguf()
         folder = embedded_model_folder(cache_dir)
+        _remove_stale_temporaries(folder)
         if not folder.is_dir():
             _convert_gguf(gguf, folder)
         model = AutoModelForCausalLM.from_pretrained(folder)
@@ -185,7 +186,6 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     only when complete. A process that loses the rename to a concurrent conversion uses the winner's folder.
     """
     folder.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     log.info("converting %s into a transformers folder at %s (once, ~20 s)", gguf, folder)
     try:
@@ -239,7 +239,7 @@ def _load_pretrained(
     except OSError as err:
         if Path(name).is_dir():
             raise  # a broken local folder: transformers' own message names the missing file
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = str(err).splitlines()[0].rstrip(".") if str(err) else type(err).__name__
         raise OSError(
             f"model {name!r}: could not be downloaded from the Hugging Face hub (revision {revision or 'default'}) "
             f"and is not a local folder: {reason}. Without a network, use the embedded default "
