@@ -33,6 +33,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -67,8 +68,6 @@ def open_filesystem(root: str) -> tuple[pafs.FileSystem, str]:
             return pafs.FileSystem.from_uri(root)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
             raise CacheError(f"cache: cannot open {root!r}: {err}") from err
-    import os
-
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(root))
 
 
@@ -115,9 +114,8 @@ def unpack_activations(column: pa.Array | pa.ChunkedArray | np.ndarray, dtype: s
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if isinstance(column, pa.Array):
-        stored = 1 if len(column) == 0 else len(column.values) // len(column)
-        flat = column.values.to_numpy(zero_copy_only=False)
-        column = flat.reshape(len(column), stored if len(column) else (width if dtype == "float32" else -(-width // 2)))
+        stored = width if dtype == "float32" else -(-width // 2)
+        column = column.values.to_numpy(zero_copy_only=False).reshape(len(column), stored)
     arr = np.asarray(column)
     if arr.dtype == object:  # Ray Data may hand a fixed-size list over as an array of arrays
         arr = np.stack(arr)
@@ -273,14 +271,27 @@ def shard_path(split: str, hookpoint: str, unit: int) -> str:
 # ---- shards --------------------------------------------------------------------------------------
 
 
-def build_table(tokens: dict[str, np.ndarray], activations: dict[str, np.ndarray | torch.Tensor], dtype: str):
-    """One shard's table: the token columns (flat, one entry per token) and the activation columns."""
+def build_table(
+    seq_index: np.ndarray,
+    token_ids: np.ndarray,
+    doc_id: np.ndarray,
+    doc_position: np.ndarray,
+    activations: dict[str, np.ndarray | torch.Tensor],
+    dtype: str,
+) -> pa.Table:
+    """One shard's table, one row per token, from n sequences of t tokens.
+
+    `seq_index` is (n,); `token_ids`, `doc_id` and `doc_position` are (n, t); each activation is
+    (n * t, d), in the same token order.
+    """
+    token_ids = np.asarray(token_ids)
+    n, t = token_ids.shape
     columns: dict[str, pa.Array] = {
-        "seq_index": pa.array(np.asarray(tokens["seq_index"], np.int64)),
-        "position": pa.array(np.asarray(tokens["position"], np.int32)),
-        "token_id": pa.array(np.asarray(tokens["token_id"], np.int32)),
-        "doc_id": pa.array(np.asarray(tokens["doc_id"]).astype(str)).dictionary_encode(),
-        "doc_position": pa.array(np.asarray(tokens["doc_position"], np.int32)),
+        "seq_index": pa.array(np.repeat(np.asarray(seq_index, np.int64), t)),
+        "position": pa.array(np.tile(np.arange(t, dtype=np.int32), n)),
+        "token_id": pa.array(token_ids.reshape(-1).astype(np.int32)),
+        "doc_id": pa.array(np.asarray(doc_id).reshape(-1).astype(str)).dictionary_encode(),
+        "doc_position": pa.array(np.asarray(doc_position, np.int32).reshape(-1)),
     }
     for name, values in activations.items():
         columns[name] = pack_activations(values, dtype)
@@ -300,6 +311,11 @@ def write_shard(
     return ShardRecord(split, hookpoint, unit, rel, len(table), hashlib.sha256(data).hexdigest(), len(data), node)
 
 
+def _parquet_rows(data: bytes) -> int:
+    """Row count from a parquet file's footer; ArrowInvalid/OSError when it is not readable parquet."""
+    return pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
+
+
 def describe_existing_shard(
     fs: pafs.FileSystem, base: str, split: str, hookpoint: str, unit: int, expected_rows: int
 ) -> ShardRecord | None:
@@ -314,7 +330,7 @@ def describe_existing_shard(
         return None
     data = read_bytes(fs, path)
     try:
-        rows = pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
+        rows = _parquet_rows(data)
     except (pa.ArrowInvalid, OSError):
         return None
     if rows != expected_rows:
@@ -336,7 +352,7 @@ def verify_shard(root: str, record: ShardRecord, fs: pafs.FileSystem | None = No
             f"({len(data)} bytes, expected {record.bytes}; checksum differs); {REPAIR_HINT}"
         )
     try:
-        rows = pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
+        rows = _parquet_rows(data)
     except (pa.ArrowInvalid, OSError) as err:
         raise CacheError(f"cache shard {root}/{record.path} is not readable parquet ({err}); {REPAIR_HINT}") from err
     if rows != record.rows:

@@ -30,6 +30,8 @@ SURROGATES: tuple[str, ...] = get_args(Surrogate)
 BINARY_ACTIVATIONS = frozenset({"binary_topk", "binary_threshold", "binary_groupmax"})
 GROUP_ACTIVATIONS = frozenset({"groupmax", "binary_groupmax"})
 THRESHOLD_ACTIVATIONS = frozenset({"binary_topk", "binary_threshold", "jumprelu"})
+# Activations whose number of active latents is learned rather than fixed: an L0 penalty applies.
+FREE_L0_ACTIVATIONS = frozenset({"binary_threshold", "jumprelu"})
 
 
 def check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:

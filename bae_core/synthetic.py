@@ -158,9 +158,10 @@ def direction_cosines(coder: SparseCoder, data: SyntheticData) -> Tensor:
 # ~4 active): the shared base, then what each activation needs on top, as measured.
 _BASE_CODER = dict(num_latents=512, k=8, temperature=0.5, init_threshold=0.3)
 _BASE_TRAIN = dict(optimizer="adam", lr=3e-3, lr_warmup_steps=50, log_every=0)
+_BASE_STEPS = 1000
 _RECIPES: dict[str, tuple[dict, dict, int]] = {
     # Exactly one latent per group fires on every token: smaller groups and the paper's Gumbel lr.
-    "binary_groupmax": (dict(k=16), dict(lr=3e-2), 1000),
+    "binary_groupmax": (dict(k=16), dict(lr=3e-2), _BASE_STEPS),
     # A free L0 held near the ~4 true features by the penalty; the wide rectangle surrogate keeps
     # latents far from their threshold learning.
     "binary_threshold": (dict(k=4, surrogate="rectangle", temperature=2.0), dict(l0_coef=0.1), 2000),
@@ -186,7 +187,7 @@ def synthetic_recipe(activation: str) -> Recipe:
     threshold (0.3) than the paper's defaults (2.0 and 0.004, tuned for SmolLM2 activations).
     """
     check_choice("activation", activation, ACTIVATIONS)
-    coder, train, steps = _RECIPES.get(activation, ({}, {}, 1000))
+    coder, train, steps = _RECIPES.get(activation, ({}, {}, _BASE_STEPS))
     return Recipe(coder={**_BASE_CODER, **coder}, train={**_BASE_TRAIN, **train}, steps=steps)
 
 

@@ -23,7 +23,7 @@ from schedulefree import ScheduleFreeWrapper
 from torch import Tensor
 
 from .coder import Code, ForwardOutput, SparseCoder
-from .config import check_choice, check_positive
+from .config import FREE_L0_ACTIVATIONS, check_choice, check_positive
 from .ops import binary_step
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ class Trainer:
         if cfg.entropy_coef and not ccfg.is_binary:
             raise ValueError(f"entropy_coef: the entropy term is for binary codes, not {ccfg.activation}")
         self.l0_coef = cfg.l0_coef if cfg.l0_coef is not None else float(ccfg.activation == "jumprelu")
-        if self.l0_coef and ccfg.activation not in ("jumprelu", "binary_threshold"):
+        if self.l0_coef and ccfg.activation not in FREE_L0_ACTIVATIONS:
             raise ValueError(f"l0_coef: the L0 penalty is for jumprelu and binary_threshold, not {ccfg.activation}")
 
         self.lr = cfg.lr if cfg.lr is not None else default_lr(coder, cfg.optimizer)
@@ -217,17 +217,7 @@ class Trainer:
     def step(self, x: Tensor, y: Tensor | None = None) -> StepMetrics:
         """One optimiser step on the batch `x` (N x d_in), target `y` (defaults to x for SAEs)."""
         coder = self.coder
-        x = x.to(self.device, coder.dtype, non_blocking=True)
-        y = x if y is None else y.to(self.device, coder.dtype, non_blocking=True)
-        for name, t in (("x", x),) if y is x else (("x", x), ("y", y)):
-            bad = (~torch.isfinite(t)).sum().item()
-            if bad:
-                raise ValueError(
-                    f"{name}: training batch {self.step_count} contains {bad} NaN or inf values; "
-                    "no update was made (check the activation source or cache)"
-                )
-        if self.step_count == 0 and not self.initialized:
-            self._init_from_batch(x, y)
+        x, y = self._prepare(x, y)
         self.train_mode()
 
         with self.autocast():
@@ -292,12 +282,25 @@ class Trainer:
         """
         from torch.nn.parallel import DistributedDataParallel
 
-        if self.step_count == 0 and first_batch is not None:
-            x, y = first_batch if isinstance(first_batch, (tuple, list)) else (first_batch, None)
-            x = x.to(self.device, self.coder.dtype)
-            self._init_from_batch(x, x if y is None else y.to(self.device, self.coder.dtype))
+        if first_batch is not None:
+            self._prepare(*_split_batch(first_batch))
         device_ids = [self.device.index or 0] if self.device.type == "cuda" else None
         self.forward_module = DistributedDataParallel(self.coder, device_ids=device_ids, **ddp_kwargs)
+
+    def _prepare(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The batch on the coder's device and dtype, checked for NaN/inf; the first one initialises."""
+        x = x.to(self.device, self.coder.dtype, non_blocking=True)
+        y = x if y is None else y.to(self.device, self.coder.dtype, non_blocking=True)
+        for name, t in (("x", x),) if y is x else (("x", x), ("y", y)):
+            bad = (~torch.isfinite(t)).sum().item()
+            if bad:
+                raise ValueError(
+                    f"{name}: training batch {self.step_count} contains {bad} NaN or inf values; "
+                    "no update was made (check the activation source or cache)"
+                )
+        if self.step_count == 0 and not self.initialized:
+            self._init_from_batch(x, y)
+        return x, y
 
     @torch.no_grad()
     def _init_from_batch(self, x: Tensor, y: Tensor) -> None:
@@ -341,8 +344,7 @@ class Trainer:
         for batch in batches:
             if max_steps is not None and self.step_count >= max_steps:
                 break
-            x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
-            history.append(self.step(x, y))
+            history.append(self.step(*_split_batch(batch)))
         self.eval_mode()
         return history
 
@@ -401,6 +403,11 @@ def _json_scalar(value: Any) -> Any:
     if isinstance(value, Tensor):
         return value.item()
     raise TypeError(f"cannot store {type(value).__name__} in trainer.json")
+
+
+def _split_batch(batch: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+    """`(x, y)` from a batch given as `x` (SAE) or `(x, y)` (transcoder)."""
+    return tuple(batch) if isinstance(batch, (tuple, list)) else (batch, None)
 
 
 def batch_entropy(code: Code, num_latents: int) -> Tensor:

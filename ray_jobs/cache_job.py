@@ -13,9 +13,8 @@ cache are refused with the setting named.
 from __future__ import annotations
 
 import logging
-import socket
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -86,6 +85,7 @@ class _CaptureWriter:
     """Ray Data actor: holds the model, captures a unit's activations and writes its shards."""
 
     def __init__(self, req: CacheRequest, hookpoints: list[str]):
+        import ray
         import torch
 
         from bae_core.lm import load_model, resolve_hookpoints
@@ -96,26 +96,18 @@ class _CaptureWriter:
         self.hookpoints = resolve_hookpoints(self.loaded, hookpoints)
         self.device = device
         self.fs, self.base = open_filesystem(req.root)
-        self.node = socket.gethostname()
-        try:
-            import ray
-
-            self.node = ray.get_runtime_context().get_node_id()
-        except Exception:  # noqa: BLE001 - provenance only
-            pass
+        self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         from bae_core.lm import capture
 
-        out: dict[str, list] = {
-            k: [] for k in ("split", "hookpoint", "unit", "path", "rows", "sha256", "bytes", "node")
-        }
+        records: list[dict] = []
         for i in range(len(batch["unit"])):
             split, unit = str(batch["split"][i]), int(batch["unit"][i])
             token_ids = np.asarray(batch["token_ids"][i], dtype=np.int64)
-            n, t = token_ids.shape
+            n = len(token_ids)
             acts: dict[str, dict[str, list]] = {h.name: {} for h in self.hookpoints}
             for start in range(0, n, self.req.batch_size):
                 ids = torch.from_numpy(token_ids[start : start + self.req.batch_size]).to(self.device)
@@ -123,20 +115,12 @@ class _CaptureWriter:
                 for name, cols in captured.items():
                     for col, value in cols.items():
                         acts[name].setdefault(col, []).append(value.reshape(-1, value.shape[-1]).float().cpu())
-            tokens = {
-                "seq_index": np.repeat(np.asarray(batch["seq_index"][i]), t),
-                "position": np.tile(np.arange(t), n),
-                "token_id": token_ids.reshape(-1),
-                "doc_id": np.asarray(batch["doc_id"][i]).reshape(-1),
-                "doc_position": np.asarray(batch["doc_position"][i]).reshape(-1),
-            }
+            sequences = (batch["seq_index"][i], token_ids, batch["doc_id"][i], batch["doc_position"][i])
             for name, cols in acts.items():
                 columns = {col: torch.cat(parts).numpy() for col, parts in cols.items()}
-                table = build_table(tokens, columns, self.req.dtype)
-                rec = write_shard(self.fs, self.base, split, name, unit, table, node=self.node)
-                for key in out:
-                    out[key].append(getattr(rec, key))
-        return {key: np.asarray(values) for key, values in out.items()}
+                table = build_table(*sequences, columns, self.req.dtype)
+                records.append(asdict(write_shard(self.fs, self.base, split, name, unit, table, node=self.node)))
+        return {key: np.asarray([r[key] for r in records]) for key in records[0]}
 
 
 def plan_sequences(req: CacheRequest, tokenizer) -> dict[str, dict[str, np.ndarray]]:
@@ -157,7 +141,6 @@ def plan_sequences(req: CacheRequest, tokenizer) -> dict[str, dict[str, np.ndarr
             )
         cols = sequences_to_columns(seqs)
         cols["doc_id"] = np.asarray([d.doc_id for d in split_docs])[cols.pop("doc_index")]
-        cols["documents"] = np.asarray(len(np.unique(cols["doc_id"])))
         plans[split] = cols
     return plans
 
@@ -198,7 +181,7 @@ def run_cache(req: CacheRequest, *, progress=None) -> CacheManifest:
         n = len(cols["seq_index"])
         units = units_for(n, req.sequences_per_unit)
         manifest.splits[split] = {
-            "documents": int(cols["documents"]),
+            "documents": len(np.unique(cols["doc_id"])),
             "sequences": n,
             "tokens": n * req.seq_len,
             "units": units,

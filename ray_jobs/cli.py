@@ -84,7 +84,7 @@ def add_synth_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_synth(args: argparse.Namespace) -> int:
     """Options left unset take each activation's measured recipe (`bae_core.synthetic.synthetic_recipe`)."""
-    from bae_core.config import CoderConfig
+    from bae_core.config import FREE_L0_ACTIVATIONS, CoderConfig
     from bae_core.synthetic import SyntheticConfig, SyntheticData, recovery_row, synthetic_recipe, train_on_synthetic
     from bae_core.train import TrainConfig
 
@@ -114,12 +114,17 @@ def run_synth(args: argparse.Namespace) -> int:
             kind=kind,
             **{**recipe.coder, **{key: value for key, value in coder_flags.items() if value is not None}},
         )
-        train = {**recipe.train, "optimizer": args.optimizer, "precision": args.precision}
-        train.update(device=args.device, seed=args.seed)
+        train = {
+            **recipe.train,
+            "optimizer": args.optimizer,
+            "precision": args.precision,
+            "device": args.device,
+            "seed": args.seed,
+        }
         if args.lr is not None:
             train["lr"] = args.lr or None
         # The L0 penalty exists only for the activations with a free L0.
-        if args.l0_coef is not None and activation in ("jumprelu", "binary_threshold"):
+        if args.l0_coef is not None and activation in FREE_L0_ACTIVATIONS:
             train["l0_coef"] = args.l0_coef
         steps = args.steps if args.steps is not None else recipe.steps
         train["lr_warmup_steps"] = min(train["lr_warmup_steps"], steps)

@@ -22,7 +22,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
     # local use is consistent only when every process agrees, so default to no auth unless asked.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = {"log_to_driver": not quiet, "logging_level": logging.WARNING} if quiet else {}
+    kwargs = {"log_to_driver": False, "logging_level": logging.WARNING} if quiet else {}
     try:
         if address:
             ray.init(address=address, **kwargs)

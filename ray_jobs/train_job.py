@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,8 +104,7 @@ def train_loop_per_worker(config: dict) -> None:
             metrics = {**dataclasses.asdict(m), "hookpoint": job.hookpoint}
             if ctx.get_world_rank() == 0:
                 with tempfile.TemporaryDirectory() as d:
-                    trainer.save_checkpoint(d)
-                    trainer.train_mode()
+                    trainer.save_checkpoint(d)  # the next step returns to training mode
                     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
             else:
                 ray.train.report(metrics)
@@ -142,9 +142,6 @@ def run_train(job: TrainJob):
 
 def export_coder(result, dest: str | Path) -> Path:
     """Copy the final coder (sae.safetensors + cfg.json + trainer state) out of a Ray result."""
-    dest = Path(dest)
     with result.checkpoint.as_directory() as d:
-        dest.mkdir(parents=True, exist_ok=True)
-        for f in Path(d).iterdir():
-            (dest / f.name).write_bytes(f.read_bytes())
-    return dest
+        shutil.copytree(d, dest, dirs_exist_ok=True)
+    return Path(dest)

@@ -41,14 +41,10 @@ def manifest(**overrides) -> CacheManifest:
     return CacheManifest(**{**kwargs, **overrides})
 
 
-def tokens(n_seq: int, seq_len: int) -> dict[str, np.ndarray]:
-    return {
-        "seq_index": np.repeat(np.arange(n_seq), seq_len),
-        "position": np.tile(np.arange(seq_len), n_seq),
-        "token_id": np.arange(n_seq * seq_len),
-        "doc_id": np.array(["kjv/Genesis/1"] * (n_seq * seq_len)),
-        "doc_position": np.arange(n_seq * seq_len),
-    }
+def tokens(n_seq: int, seq_len: int) -> tuple[np.ndarray, ...]:
+    """seq_index, token_ids, doc_id and doc_position of `n_seq` sequences of one document."""
+    positions = np.arange(n_seq * seq_len).reshape(n_seq, seq_len)
+    return np.arange(n_seq), positions, np.full(positions.shape, "kjv/Genesis/1"), positions
 
 
 @pytest.mark.parametrize("width", [6, 5])
@@ -76,7 +72,7 @@ def test_float32_storage_is_exact_and_float16_is_close():
 def test_shards_are_written_atomically_and_verified(tmp_path):
     root = str(tmp_path / "cache")
     fs, base = open_filesystem(root)
-    table = build_table(tokens(2, 4), {"input": np.ones((8, 5)), "output": np.zeros((8, 5))}, "float16")
+    table = build_table(*tokens(2, 4), {"input": np.ones((8, 5)), "output": np.zeros((8, 5))}, "float16")
     rec = write_shard(fs, base, "train", "layers.9.mlp", 0, table, node="n1")
     assert rec.rows == 8 and rec.path == "train/layers.9.mlp/shard-00000.parquet" and rec.node == "n1"
     assert sorted(p.name for p in (tmp_path / "cache/train/layers.9.mlp").iterdir()) == ["shard-00000.parquet"]
@@ -108,7 +104,7 @@ def test_uri_roots_use_pyarrow_filesystems(tmp_path):
     root = f"file://{tmp_path}/remote"
     fs, base = open_filesystem(root)
     rec = write_shard(
-        fs, base, "heldout", "layers.3", 7, build_table(tokens(1, 4), {"output": np.ones((4, 3))}, "float32")
+        fs, base, "heldout", "layers.3", 7, build_table(*tokens(1, 4), {"output": np.ones((4, 3))}, "float32")
     )
     m = manifest(hookpoints={"layers.3": HookpointInfo({"output": 3})}, shards=[rec], complete=True)
     m.save(fs, base)
@@ -137,7 +133,7 @@ def test_manifest_refuses_other_settings_and_unfinished_caches(tmp_path):
 def test_finished_units_need_every_hookpoint(tmp_path):
     fs, base = open_filesystem(str(tmp_path))
     m = manifest(hookpoints={"layers.3": HookpointInfo({"output": 3}), "layers.5": HookpointInfo({"output": 3})})
-    t = build_table(tokens(1, 4), {"output": np.ones((4, 3))}, "float16")
+    t = build_table(*tokens(1, 4), {"output": np.ones((4, 3))}, "float16")
     m.add(write_shard(fs, base, "train", "layers.3", 0, t))
     assert m.finished_units("train") == set()
     m.add(write_shard(fs, base, "train", "layers.5", 0, t))
@@ -154,7 +150,7 @@ def test_activation_batches_visit_every_row_once_per_epoch(tmp_path):
     m = manifest(dtype="float32", complete=True)
     values = torch.arange(3 * 8 * 10, dtype=torch.float32).reshape(3, 8, 10)  # 3 shards of 8 rows
     for unit in range(3):
-        t = build_table(tokens(2, 4), {"input": values[unit, :, :5], "output": values[unit, :, 5:]}, "float32")
+        t = build_table(*tokens(2, 4), {"input": values[unit, :, :5], "output": values[unit, :, 5:]}, "float32")
         m.add(write_shard(fs, base, "train", "layers.9.mlp", unit, t))
     m.save(fs, base)
 

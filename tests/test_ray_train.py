@@ -39,18 +39,12 @@ def synthetic_cache(tmp_path_factory):
     )
     for unit in range(4):
         x, y, _ = data.sample(512)
-        tokens = {
-            "seq_index": np.repeat(np.arange(16) + 16 * unit, 32),
-            "position": np.tile(np.arange(32), 16),
-            "token_id": np.zeros(512),
-            "doc_id": np.array(["synthetic"] * 512),
-            "doc_position": np.arange(512),
-        }
-        m.add(
-            write_shard(
-                fs, base, "train", "layers.0.mlp", unit, build_table(tokens, {"input": x, "output": y}, "float16")
-            )
+        seq_index, token_ids = np.arange(16) + 16 * unit, np.zeros((16, 32), np.int32)
+        doc_position = np.arange(512).reshape(16, 32)
+        table = build_table(
+            seq_index, token_ids, np.full((16, 32), "synthetic"), doc_position, {"input": x, "output": y}, "float16"
         )
+        m.add(write_shard(fs, base, "train", "layers.0.mlp", unit, table))
     m.complete = True
     m.save(fs, base)
     return root
