@@ -294,14 +294,69 @@ class Hookpoint:
 
 def resolve_hookpoints(loaded: LoadedModel, names: list[str]) -> list[Hookpoint]:
     """Validate hookpoint names against the model; raises ValueError naming a bad one and the valid forms."""
+    return [
+        Hookpoint(name, layer, kind, f"{loaded.layers_path}.{layer}" + (".mlp" if kind == "mlp" else ""), d_in, d_out)
+        for name, layer, kind, d_in, d_out in _parse_hookpoints(names, loaded.num_layers, loaded.d_model)
+    ]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a model's config says about its hookpoints, read without loading its weights."""
+
+    num_layers: int
+    d_model: int
+    d_mlp: int
+
+    def hookpoint_widths(self, names: list[str]) -> dict[str, dict[str, int]]:
+        """{name: {"input": d_in, "output": d_out}} (residual hookpoints have only an output); validates names."""
+        return {
+            name: ({"input": d_in, "output": d_out} if d_in is not None else {"output": d_out})
+            for name, _, _, d_in, d_out in _parse_hookpoints(names, self.num_layers, self.d_model)
+        }
+
+
+def model_shape(name: str = EMBEDDED_MODEL, *, revision: str | None = None) -> ModelShape | None:
+    """Layers and widths of a model from its config alone (no weights, no download).
+
+    The embedded model's config comes from its converted folder or its GGUF header; a hub model's from the
+    local Hugging Face cache. None when the config is not available without a network.
+    """
+    from transformers import AutoConfig
+
+    if name == EMBEDDED_MODEL:
+        folder = embedded_model_folder()
+        if folder.is_dir():
+            config = AutoConfig.from_pretrained(folder)
+        else:
+            from gguf import GGUFReader
+
+            fields = GGUFReader(_embedded_gguf()[0]).fields
+            value = lambda key: int(fields[key].contents())  # noqa: E731
+            return ModelShape(
+                value("llama.block_count"), value("llama.embedding_length"), value("llama.feed_forward_length")
+            )
+    else:
+        try:
+            config = AutoConfig.from_pretrained(name, revision=revision, local_files_only=not Path(name).is_dir())
+        except (OSError, ValueError):
+            return None
+    layers = getattr(config, "num_hidden_layers", None)
+    if layers is None or not hasattr(config, "hidden_size"):
+        return None
+    return ModelShape(layers, config.hidden_size, getattr(config, "intermediate_size", 0))
+
+
+def _parse_hookpoints(names: list[str], num_layers: int, d_model: int) -> list[tuple[str, int, str, int | None, int]]:
+    """(name, layer, kind, d_in, d_out) per hookpoint name; a ValueError names a bad one and the valid forms."""
     if isinstance(names, str):
         raise ValueError(f"names: a list of hookpoint names, got the string {names!r}; write [{names!r}]")
-    last = loaded.num_layers - 1
+    last = num_layers - 1
     valid = (
         f"valid: layers.0 ... layers.{last} (residual stream after the layer), "
         f"layers.0.mlp ... layers.{last}.mlp (MLP input/output)"
     )
-    hookpoints, seen = [], set()
+    parsed, seen = [], set()
     for name in names:
         match = _HOOKPOINT_NAME.fullmatch(name) if isinstance(name, str) else None
         if match is None:
@@ -312,12 +367,11 @@ def resolve_hookpoints(loaded: LoadedModel, names: list[str]) -> list[Hookpoint]
         if name in seen:
             raise ValueError(f"hookpoint {name!r}: named more than once; name each hookpoint once")
         seen.add(name)
-        layer_path = f"{loaded.layers_path}.{layer}"
         if match[2]:
-            hookpoints.append(Hookpoint(name, layer, "mlp", f"{layer_path}.mlp", loaded.d_model, loaded.d_model))
+            parsed.append((name, layer, "mlp", d_model, d_model))
         else:
-            hookpoints.append(Hookpoint(name, layer, "residual", layer_path, None, loaded.d_model))
-    return hookpoints
+            parsed.append((name, layer, "residual", None, d_model))
+    return parsed
 
 
 def _hidden_states(layer_output: Tensor | tuple) -> Tensor:

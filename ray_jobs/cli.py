@@ -2,6 +2,8 @@
 
     bae synth      train several coders on one synthetic data set and print their recovery metrics
     bae cache      capture language-model activations into parquet shards with a Ray Data actor pool
+    bae train      train one coder on one hookpoint of a cache with Ray Train (data-parallel, resumable)
+    bae sweep      run a sweep spec (sweeps/*.yaml) with Ray Tune: grid or Optuna, resumable
 
 Each subcommand imports what it needs when it runs, so `bae --help` stays fast.
 """
@@ -242,6 +244,168 @@ def run_cache_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    from bae_core.config import SURROGATES
+
+    p = sub.add_parser(
+        "train",
+        help="train one coder on one hookpoint of a cache (Ray Train, data-parallel, resumable)",
+        description="Train one sparse coder on one hookpoint of an activation cache with a Ray Train TorchTrainer. "
+        "Checkpoints every --checkpoint-every steps under OUT/NAME; running the same command again resumes "
+        "from the last checkpoint. The final coder (sae.safetensors + cfg.json) is copied to OUT/NAME/coder.",
+    )
+    p.add_argument("cache", help="cache folder or URI written by `bae cache`")
+    p.add_argument("--hookpoint", required=True, help="a hookpoint of the cache, e.g. layers.9.mlp")
+    p.add_argument("--out", default="runs/train", help="run folder (local path or URI)")
+    p.add_argument("--name", default=None, help="run name inside OUT (default: the hookpoint and coder)")
+    p.add_argument("--activation", choices=ACTIVATIONS, default="binary_topk")
+    p.add_argument("--kind", choices=KINDS, default="sae")
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--expansion-factor", type=int, default=32)
+    p.add_argument("--num-latents", type=int, default=0, help="dictionary size (0: expansion factor x d_in)")
+    p.add_argument("--surrogate", choices=SURROGATES, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--init-threshold", type=float, default=None)
+    p.add_argument("--optimizer", choices=("signum", "adam"), default="signum")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the width scaling rule)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=4096, help="tokens per step on each worker")
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--workers", type=int, default=1, help="data-parallel workers (DDP)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--max-failures", type=int, default=2, help="restarts from the last checkpoint after a failure")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=run_train_cmd)
+
+
+def run_train_cmd(args: argparse.Namespace) -> int:
+    from bae_core.cache import open_cache
+    from ray_jobs.runtime import connect, storage_path
+    from ray_jobs.train_job import TrainJob, export_coder, run_train
+
+    manifest = open_cache(args.cache)
+    if args.hookpoint not in manifest.hookpoints:
+        raise ValueError(
+            f"--hookpoint: {args.hookpoint!r} is not in the cache {args.cache}; it has {', '.join(manifest.hookpoints)}"
+        )
+    coder = {
+        "activation": args.activation,
+        "kind": args.kind,
+        "k": args.k,
+        "expansion_factor": args.expansion_factor,
+        "num_latents": args.num_latents,
+        **{
+            key: value
+            for key, value in (
+                ("surrogate", args.surrogate),
+                ("temperature", args.temperature),
+                ("init_threshold", args.init_threshold),
+            )
+            if value is not None
+        },
+    }
+    train = {"optimizer": args.optimizer, "lr": args.lr, "precision": args.precision, "seed": args.seed}
+    name = args.name or f"{args.hookpoint}-{args.activation}-{args.kind}-k{args.k}"
+    job = TrainJob(
+        cache=args.cache,
+        hookpoint=args.hookpoint,
+        out=storage_path(args.out),
+        coder=coder,
+        train=train,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        checkpoint_every=args.checkpoint_every,
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
+        max_failures=args.max_failures,
+        name=name,
+    )
+    connect(args.address)
+    start = time.perf_counter()
+    result = run_train(job)
+    if result.error is not None:
+        print(f"bae train: training failed: {result.error}", file=sys.stderr)
+        return 1
+    dest = export_coder(result, f"{job.out.rstrip('/')}/{name}/coder")
+    metrics = result.metrics or {}
+    print(
+        f"trained {name}: {metrics.get('step', '?')} steps, fvu {metrics.get('fvu', float('nan')):.4f}, "
+        f"l0 {metrics.get('l0', float('nan')):.1f} in {time.perf_counter() - start:.0f}s; coder in {dest}"
+    )
+    return 0
+
+
+def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="run a sweep spec with Ray Tune (grid or Optuna); re-running resumes it",
+        description="Validate the spec, create or resume the activation cache, then train one coder per trial with "
+        "Ray Tune and write OUTPUT/trials.parquet (one row per trial: settings, held-out FVU, L0, dead, frequent "
+        "and dense fractions, checkpoint). Running it again with the same spec and output resumes the sweep: "
+        "finished trials are kept, interrupted ones continue from their last checkpoint.",
+    )
+    p.add_argument("spec", help="a YAML sweep spec, e.g. sweeps/quickstart.yaml")
+    p.add_argument("--output", default=None, help="run folder (local path or URI); overrides the spec's output")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the trial plan and resources; run nothing"
+    )
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=run_sweep_cmd)
+
+
+def run_sweep_cmd(args: argparse.Namespace) -> int:
+    from ray_jobs.spec import describe_plan, load_spec
+
+    spec = load_spec(args.spec)
+    if args.output:
+        spec = spec.model_copy(update={"output": args.output})
+    if args.dry_run:
+        print(describe_plan(spec, _known_widths(spec), source=args.spec))
+        return 0
+
+    from ray_jobs.runtime import connect, storage_path
+    from ray_jobs.sweep_job import TRIALS_TABLE, run_sweep
+
+    connect(args.address)
+    start = time.perf_counter()
+    if not args.quiet:
+        print(f"sweep {spec.name}: {spec.num_trials()} trials into {storage_path(spec.run_dir)}", file=sys.stderr)
+
+    def cache_progress(done: int, total: int) -> None:
+        if not args.quiet:
+            print(f"\r  caching activations: shard {done}/{total}", end="", file=sys.stderr, flush=True)
+
+    results = run_sweep(spec, cache_progress=cache_progress, quiet=args.quiet)
+    failed = [r for r in results if r.error is not None]
+    table = f"{storage_path(spec.run_dir).rstrip('/')}/{TRIALS_TABLE}"
+    print(
+        f"sweep {spec.name}: {len(results) - len(failed)} trials finished, {len(failed)} failed, "
+        f"{time.perf_counter() - start:.0f}s; trials table: {table}"
+    )
+    return 1 if failed else 0
+
+
+def _known_widths(spec) -> dict[str, dict[str, int]] | None:
+    """Hookpoint widths for a dry run: from the existing cache, else the model's config; validates names."""
+    from bae_core.cache import load_manifest
+    from bae_core.lm import model_shape
+
+    try:
+        manifest = load_manifest(spec.cache_root)
+    except ValueError:
+        manifest = None
+    if manifest is not None:
+        return {name: info.columns for name, info in manifest.hookpoints.items()}
+    cache = spec.cache_request()
+    shape = model_shape(cache.model, revision=cache.revision)
+    return shape.hookpoint_widths(cache.hookpoints) if shape else None
+
+
 def format_table(rows: list[dict]) -> str:
     columns = ["activation", "kind", "regime", "fvu", "mmcs", "hungarian_cos", "firing_f1", "l0", "dead_fraction"]
     cells = [[f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in columns] for row in rows]
@@ -261,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_synth_parser(sub)
     add_cache_parser(sub)
+    add_train_parser(sub)
+    add_sweep_parser(sub)
     return parser
 
 
@@ -268,9 +434,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not args.verbose:
+        # The commands print their own progress; Ray Data and Tune log theirs to files under /tmp/ray.
+        for name in ("ray.data", "ray.tune", "ray.train"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except ValueError as err:
+    except (ValueError, ConnectionError) as err:
         print(f"bae {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -35,3 +35,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
             "that the head node is up (`ray status`), and that this machine can reach it"
         ) from err
     log.info("ray: connected to %s", ray.get_runtime_context().gcs_address)
+
+
+def storage_path(path: str) -> str:
+    """A run folder as Ray's storage wants it: URIs unchanged, local paths absolute (a job submitted with
+    `--working-dir` runs in a temporary copy of it, where a relative path would be lost)."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))

@@ -15,9 +15,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bae_core.cache import coder_columns, open_cache, shard_uris, unpack_activations
+from bae_core.cache import ShardRecord, coder_columns, open_cache, read_shard, unpack_activations
 from bae_core.config import CoderConfig, check_positive
 from bae_core.train import TrainConfig
+from ray_jobs.runtime import storage_path
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,13 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(metrics)
 
 
+def _read_shards(batch, root: str, columns: list[str]):
+    """Ray Data map: shard records -> the shards' activation columns (one arrow table)."""
+    import pyarrow as pa
+
+    return pa.concat_tables([read_shard(root, ShardRecord(**row), columns) for row in batch.to_pylist()])
+
+
 def run_train(job: TrainJob):
     """Train `job` with a `TorchTrainer`; returns Ray's `Result` (its checkpoint holds the coder)."""
     import ray.data
@@ -118,8 +126,17 @@ def run_train(job: TrainJob):
 
     manifest = open_cache(job.cache)
     x_col, y_col = coder_columns(manifest, job.hookpoint, CoderConfig.from_dict(job.coder).is_transcoder)
-    uris = shard_uris(job.cache, manifest, "train", job.hookpoint)
-    ds = ray.data.read_parquet(uris).select_columns([x_col] + ([y_col] if y_col else []))
+    shards = [dataclasses.asdict(record) for record in manifest.shards_of("train", job.hookpoint)]
+    # One read task per shard, each a fraction of a CPU: reading is light next to training, and the reads must
+    # stay schedulable when the workers (and, in a sweep, the trial that drives them) hold nearly every CPU of
+    # a small node. (`ray.data.read_parquet` lists files in a task that always asks for a whole CPU.)
+    ds = ray.data.from_items(shards, override_num_blocks=len(shards)).map_batches(
+        _read_shards,
+        fn_kwargs={"root": job.cache, "columns": [x_col] + ([y_col] if y_col else [])},
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=0.25,
+    )
     resources = {"CPU": job.cpus_per_worker}
     if job.gpus_per_worker:
         resources["GPU"] = job.gpus_per_worker
@@ -131,7 +148,7 @@ def run_train(job: TrainJob):
         ),
         run_config=RunConfig(
             name=job.run_name,
-            storage_path=str(Path(job.out).expanduser().resolve()) if "://" not in job.out else job.out,
+            storage_path=storage_path(job.out),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=job.max_failures),
         ),

@@ -1,0 +1,389 @@
+"""Sweep specs: the YAML files under `sweeps/`, validated before anything runs.
+
+A spec names the activations to cache, the fixed coder and training settings, the search space and
+the search algorithm, the training budget per trial and the resources per trial:
+
+    name: quickstart
+    output: runs/quickstart              # run folder: trials.parquet, tune/ (local path or URI)
+    cache: {hookpoints: [layers.9.mlp], train_tokens: 65536}   # CacheRequest fields
+    coder: {expansion_factor: 8}         # CoderConfig fields shared by every trial
+    train: {optimizer: signum}           # TrainConfig fields shared by every trial
+    space:                               # searched: a list of values, or {uniform|loguniform|int|logint: [low, high]}
+      activation: [topk, binary_topk]
+      k: [16, 32]
+    search: {algorithm: grid, objectives: {fvu: min}, max_concurrent: 2}
+    training: {steps: 500, batch_size: 1024, checkpoint_every: 100, eval_tokens: 16384}
+    resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0, max_failures: 2}
+
+Every error names the field (dotted, e.g. `search.algorithm`) and what is allowed there.
+Nothing here imports Ray: specs validate on a laptop without a cluster.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveInt, ValidationError
+
+from bae_core.config import CoderConfig
+from bae_core.train import TrainConfig
+from ray_jobs.cache_job import CacheRequest
+
+CODER_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(CoderConfig))
+# Per-trial settings a sweep decides itself: the device follows the trial's resources, logging is off.
+TRAIN_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(TrainConfig) if f.name not in ("device", "log_every"))
+CACHE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(CacheRequest) if f.name != "device")
+SPACE_FIELDS: tuple[str, ...] = ("hookpoint", *CODER_FIELDS, *TRAIN_FIELDS)
+DISTRIBUTIONS: tuple[str, ...] = ("uniform", "loguniform", "int", "logint")
+_DISTRIBUTION_FORMS = ", ".join(f"{{{d}: [low, high]}}" for d in DISTRIBUTIONS)
+
+Metric = Literal["fvu", "l0", "dead_fraction", "frequent_fraction", "dense_fraction"]
+"""Held-out metrics every trial reports; any of them can be an objective."""
+METRICS: tuple[str, ...] = Metric.__args__
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; the message names the file, the field and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SearchSpec(_Section):
+    """How trials are chosen."""
+
+    algorithm: Literal["grid", "optuna"] = "grid"
+    """grid: every combination of the space's lists; optuna: Optuna's TPE sampler (multi-objective
+    when two or more objectives are named)."""
+    num_samples: PositiveInt = 1
+    """grid: how many times the whole grid runs; optuna: the number of trials."""
+    objectives: dict[Metric, Literal["min", "max"]] = Field(default_factory=lambda: {"fvu": "min"}, min_length=1)
+    """Metric -> min|max. The first one is the headline; Optuna optimises all of them."""
+    max_concurrent: PositiveInt | None = None
+    """At most this many trials at once (default: as many as the cluster's resources allow)."""
+    seed: int = 0
+    """Seed of Optuna's sampler."""
+
+
+class TrainingSpec(_Section):
+    """The budget of each trial."""
+
+    steps: PositiveInt = 1000
+    batch_size: PositiveInt = 4096
+    """Tokens per optimiser step (split across workers when there are several)."""
+    checkpoint_every: PositiveInt = 200
+    """Steps between trial checkpoints; a failed or interrupted trial resumes from the last one."""
+    eval_tokens: PositiveInt | None = 50_000
+    """Held-out tokens for the final metrics (null: the whole held-out split)."""
+
+
+class ResourcesSpec(_Section):
+    """What one trial occupies."""
+
+    workers: PositiveInt = 1
+    """1: the trial trains in its own process; more: a data-parallel Ray Train TorchTrainer per trial."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """Fractional values pack several small trials onto one core."""
+    gpus_per_worker: NonNegativeFloat = 0.0
+    """Fractional values (e.g. 0.25) pack several small coders onto one GPU."""
+    max_failures: NonNegativeInt = 2
+    """Retries of a failed trial, each from its last checkpoint."""
+
+
+class SweepSpec(_Section):
+    """A whole sweep; `load_spec` reads one from YAML."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    output: str | None = None
+    """Run folder (local path or pyarrow URI). Default: runs/<name>."""
+    cache: dict[str, Any]
+    """`CacheRequest` fields; `root` defaults to <output>/cache."""
+    coder: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict)
+    space: dict[str, Any] = Field(default_factory=dict)
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+    # ---- derived --------------------------------------------------------------------------------
+
+    @property
+    def run_dir(self) -> str:
+        return self.output or f"runs/{self.name}"
+
+    @property
+    def cache_root(self) -> str:
+        return self.cache.get("root") or f"{self.run_dir.rstrip('/')}/cache"
+
+    def cache_request(self) -> CacheRequest:
+        return CacheRequest(**{**self.cache, "root": self.cache_root})
+
+    @property
+    def hookpoints(self) -> list[str]:
+        return list(self.space.get("hookpoint") or self.cache["hookpoints"])
+
+    def num_trials(self) -> int:
+        if self.search.algorithm == "optuna":
+            return self.search.num_samples
+        return len(self.grid()) * self.search.num_samples
+
+    def grid(self) -> list[dict[str, Any]]:
+        """Every combination of the space's lists, in spec order (grid search only)."""
+        space = {"hookpoint": self.hookpoints, **{k: v for k, v in self.space.items() if k != "hookpoint"}}
+        keys = list(space)
+        return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(space[k] for k in keys))]
+
+    def trial_settings(self, config: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        """A trial's sampled values -> (hookpoint, CoderConfig fields, TrainConfig fields)."""
+        coder = {**self.coder, **{k: v for k, v in config.items() if k in CODER_FIELDS}}
+        train = {**self.train, **{k: v for k, v in config.items() if k in TRAIN_FIELDS}}
+        hookpoint = config.get("hookpoint") or self.hookpoints[0]
+        return hookpoint, coder, train
+
+    # ---- cross-field checks (field errors come from pydantic and from the configs' own checks) ----
+
+    def check(self) -> SweepSpec:
+        _check_keys("cache", self.cache, CACHE_FIELDS, required=("hookpoints",))
+        try:
+            self.cache_request()
+        except (ValueError, TypeError) as err:
+            raise SpecError(f"cache.{err}") from None
+        _check_keys("coder", self.coder, CODER_FIELDS)
+        _check_keys("train", self.train, TRAIN_FIELDS)
+        self._check_space()
+        for key in ("coder", "train"):
+            overlap = sorted(set(getattr(self, key)) & set(self.space))
+            if overlap:
+                raise SpecError(f"space.{overlap[0]}: also fixed in {key}; keep it in one of the two")
+        missing = sorted(set(self.hookpoints) - set(self.cache["hookpoints"]))
+        if missing:
+            raise SpecError(
+                f"space.hookpoint: {', '.join(missing)} not in cache.hookpoints ({', '.join(self.cache['hookpoints'])})"
+            )
+        if self.search.algorithm == "grid":
+            for point in self.grid():
+                self.check_trial(point)
+        if self.training.checkpoint_every > self.training.steps:
+            raise SpecError(
+                f"training.checkpoint_every: {self.training.checkpoint_every} is more than training.steps "
+                f"({self.training.steps}); a trial would never checkpoint before it ends"
+            )
+        if self.resources.workers > 1 and self.training.batch_size % self.resources.workers:
+            raise SpecError(
+                f"training.batch_size: {self.training.batch_size} does not split evenly over "
+                f"resources.workers={self.resources.workers}"
+            )
+        return self
+
+    def check_trial(self, config: dict[str, Any], d_in: int | None = None) -> None:
+        """Raise SpecError naming the trial's values when its coder or training settings are invalid."""
+        problem = self.trial_problem(config, d_in)
+        if problem:
+            values = ", ".join(f"{k}={v}" for k, v in config.items() if k != "hookpoint")
+            raise SpecError(f"space: the trial with {values or 'the fixed settings'} is invalid: {problem}")
+
+    def trial_problem(self, config: dict[str, Any], d_in: int | None = None) -> str | None:
+        """Why a trial with these sampled values cannot run (None when it can)."""
+        _, coder, train = self.trial_settings(config)
+        try:
+            cfg = CoderConfig(**coder)
+            TrainConfig(**train)
+            if d_in is not None:
+                cfg.latents_for(d_in)
+        except ValueError as err:
+            return str(err)
+        return None
+
+    def _check_space(self) -> None:
+        for key, values in self.space.items():
+            where = f"space.{key}"
+            if key not in SPACE_FIELDS:
+                raise SpecError(f"{where}: not a searchable setting; choose from {', '.join(SPACE_FIELDS)}")
+            if isinstance(values, dict):
+                if self.search.algorithm == "grid":
+                    raise SpecError(
+                        f"{where}: grid search needs a list of values; distributions such as "
+                        f"{{{next(iter(values), 'uniform')}: [low, high]}} need search.algorithm: optuna"
+                    )
+                _check_distribution(where, values)
+            elif not isinstance(values, list) or not values:
+                raise SpecError(
+                    f"{where}: give a non-empty list of values, or one of {_DISTRIBUTION_FORMS}; got {values!r}"
+                )
+            else:
+                for value in values:
+                    problem = self.trial_problem({key: value})
+                    if problem:
+                        raise SpecError(f"{where}: {value!r} is invalid: {problem}")
+
+
+def _check_keys(section: str, given: dict[str, Any], allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> None:
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise SpecError(f"{section}.{unknown[0]}: unknown setting; allowed: {', '.join(allowed)}")
+    for key in required:
+        if key not in given:
+            raise SpecError(f"{section}.{key}: required")
+
+
+def _check_distribution(where: str, dist: dict[str, Any]) -> None:
+    if len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+        raise SpecError(
+            f"{where}: a distribution is one of {', '.join(f'{{{d}: [low, high]}}' for d in DISTRIBUTIONS)}"
+        )
+    ((kind, bounds),) = dist.items()
+    ok = isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, (int, float)) for b in bounds)
+    if not ok or not all(math.isfinite(b) for b in bounds) or bounds[0] >= bounds[1]:
+        raise SpecError(f"{where}.{kind}: give [low, high] with low < high, got {bounds!r}")
+    if kind in ("int", "logint") and not all(isinstance(b, int) for b in bounds):
+        raise SpecError(f"{where}.{kind}: bounds must be integers, got {bounds!r}")
+    if kind in ("loguniform", "logint") and bounds[0] <= 0:
+        raise SpecError(f"{where}.{kind}: a log scale needs low > 0, got {bounds!r}")
+
+
+def parse_spec(data: Any, source: str = "<spec>") -> SweepSpec:
+    """Validate a spec given as a dict (parsed YAML); errors are `SpecError`s that start with `source`."""
+    if not isinstance(data, dict):
+        raise SpecError(f"spec {source}: expected a mapping of sections (name, cache, space, ...), got {data!r}")
+    try:
+        return SweepSpec.model_validate(data).check()
+    except ValidationError as err:
+        raise SpecError(f"spec {source}: {_describe(err)}") from None
+    except SpecError as err:
+        raise SpecError(f"spec {source}: {err}") from None
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read and validate a YAML sweep spec."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise SpecError(f"spec {path}: cannot read it ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise SpecError(f"spec {path}: not valid YAML: {err}") from None
+    return parse_spec(data, str(path))
+
+
+def _describe(err: ValidationError) -> str:
+    """pydantic's first error as `field.path: what is wrong (allowed: ...)`."""
+    first = err.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"] if part != "[key]")
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        model: type[BaseModel] = SweepSpec
+        for part in first["loc"][:-1]:
+            model = model.model_fields[part].annotation
+        msg = f"unknown setting; allowed: {', '.join(model.model_fields)}"
+    elif first["type"] == "missing":
+        msg = "required"
+    elif "input" in first and first["type"] not in ("model_type", "dict_type"):
+        msg = f"{msg} (got {first['input']!r})"
+    return f"{loc}: {msg}"
+
+
+# ---- the plan (`bae sweep --dry-run`) ------------------------------------------------------------------
+
+
+def coder_parameters(kind: str, d_in: int, d_out: int, num_latents: int, has_threshold: bool) -> int:
+    """Trainable parameters of one coder: encoder, decoder, biases, skip matrix and thresholds."""
+    n = num_latents * d_in + num_latents + num_latents * d_out + d_out
+    if kind == "skip_transcoder":
+        n += d_in * d_out
+    return n + (num_latents if has_threshold else 0)
+
+
+def trial_memory_bytes(parameters: int, batch_size: int, num_latents: int) -> int:
+    """Rough peak memory of one training trial: fp32 weights, gradients and two optimiser buffers, plus
+    the dense pre-activations of a batch and their gradient."""
+    return 16 * parameters + 12 * batch_size * num_latents
+
+
+def describe_plan(spec: SweepSpec, widths: dict[str, dict[str, int]] | None, *, source: str = "") -> str:
+    """What `bae sweep --dry-run` prints: the trials, the budget and the resources a sweep needs.
+
+    `widths` ({hookpoint: {"input": d_in, "output": d_out}}) comes from the cache manifest or the model's
+    config; without it the dictionary sizes are given as multiples of the (unknown) input width.
+    """
+    cache, training, res, search = spec.cache_request(), spec.training, spec.resources, spec.search
+    n = spec.num_trials()
+    lines = [f"sweep {spec.name}" + (f" ({source})" if source else "")]
+    if spec.description:
+        lines.append(f"  {spec.description}")
+    tokens = lambda v: "all" if v is None else f"{v:,}"  # noqa: E731
+    lines += [
+        f"  output     {spec.run_dir}  (trials.parquet, spec.json, tune/)",
+        f"  cache      {spec.cache_root}: {cache.model} on {cache.dataset}, {', '.join(cache.hookpoints)}; "
+        f"{tokens(cache.train_tokens)} train + {tokens(cache.heldout_tokens)} held-out tokens in sequences of "
+        f"{cache.seq_len}; {cache.actors} actor(s) x ({cache.cpus_per_actor:g} CPU, {cache.gpus_per_actor:g} GPU)",
+    ]
+    objectives = ", ".join(f"{m} ({mode})" for m, mode in search.objectives.items())
+    if search.algorithm == "grid":
+        grid = len(spec.grid())
+        how = f"grid, {n} trials ({search.num_samples} x {grid} combinations)"
+    else:
+        how = f"optuna (TPE{', multi-objective' if len(search.objectives) > 1 else ''}), {n} trials, seed {search.seed}"
+    lines.append(f"  search     {how}; objectives {objectives}")
+    per_trial = training.steps * training.batch_size
+    epochs = f" = {per_trial / cache.train_tokens:.1f} passes over the train split" if cache.train_tokens else ""
+    lines.append(
+        f"  training   {training.steps:,} steps x {training.batch_size:,} tokens = {per_trial:,} tokens per trial"
+        f"{epochs}; checkpoint every {training.checkpoint_every:,} steps; held-out metrics on "
+        f"{tokens(training.eval_tokens)} tokens"
+    )
+    cpus, gpus = res.workers * res.cpus_per_worker, res.workers * res.gpus_per_worker
+    at_once = min(n, search.max_concurrent or n)
+    mode = "in the trial's process" if res.workers == 1 else "a data-parallel TorchTrainer"
+    lines.append(
+        f"  resources  per trial {res.workers} worker(s) x ({res.cpus_per_worker:g} CPU, {res.gpus_per_worker:g} GPU), "
+        f"{mode}; up to {at_once} at once{'' if search.max_concurrent else ' as the cluster allows'}: "
+        f"{at_once * cpus:g} CPU, {at_once * gpus:g} GPU; {res.max_failures} retries per trial"
+    )
+    lines.append(f"  total      {n * per_trial:,} training tokens over {n} trials")
+    if search.algorithm != "grid":
+        lines.append("  space")
+        for key, values in {"hookpoint": spec.hookpoints, **spec.space}.items():
+            lines.append(f"    {key}: {values}")
+        return "\n".join(lines)
+
+    rows = []
+    for i, point in enumerate(spec.grid(), start=1):
+        hookpoint, coder, _ = spec.trial_settings(point)
+        cfg = CoderConfig(**coder)
+        w = (widths or {}).get(hookpoint)
+        if w is None:
+            latents, params, memory = (
+                f"{cfg.num_latents:,}" if cfg.num_latents else f"{cfg.expansion_factor} x d_in",
+                "?",
+                "?",
+            )
+        else:
+            d_in = w.get("input", w["output"]) if cfg.is_transcoder else w["output"]
+            m = cfg.latents_for(d_in)
+            p = coder_parameters(cfg.kind, d_in, w["output"], m, cfg.has_threshold)
+            latents, params = f"{m:,}", f"{p / 1e6:.1f}M"
+            memory = f"{trial_memory_bytes(p, training.batch_size // res.workers, m) / 2**30:.1f} GiB"
+        rows.append(
+            [str(i), hookpoint, cfg.activation, cfg.kind, str(cfg.k), latents, params, memory]
+            + [str(point[k]) for k in point if k not in ("hookpoint", "activation", "kind", "k")]
+        )
+    extra = [k for k in spec.grid()[0] if k not in ("hookpoint", "activation", "kind", "k")]
+    header = ["#", "hookpoint", "activation", "kind", "k", "latents", "parameters", "memory/trial", *extra]
+    widths_ = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines.append("")
+    for r in [header, *rows]:
+        lines.append("  " + "  ".join(c.ljust(wd) for c, wd in zip(r, widths_, strict=True)).rstrip())
+    if search.num_samples > 1:
+        lines.append(f"  (each of the {len(rows)} combinations runs {search.num_samples} times)")
+    if widths is None:
+        lines.append("  (the model's config is not available offline: sizes are shown as multiples of d_in)")
+    return "\n".join(lines)

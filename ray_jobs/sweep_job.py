@@ -1,0 +1,433 @@
+"""`bae sweep SPEC.yaml`: Ray Tune over coder and training settings, one trained coder per trial.
+
+    spec (validated) -> the activation cache (`bae cache`, resumed or reused)
+      -> Ray Tune: grid search or Optuna (multi-objective with several objectives), at most
+         `max_concurrent` trials at once, each holding `workers x (cpus, gpus)_per_worker`
+      -> each trial: builds or restores its coder, trains `steps` steps, checkpoints every
+         `checkpoint_every` steps (sae.safetensors + cfg.json + trainer state), then measures FVU, L0,
+         dead / frequent / dense fractions on held-out tokens and reports them with the final checkpoint
+         (one worker: in the trial's own process; several: a data-parallel TorchTrainer)
+      -> <run>/trials.parquet: one row per finished or failed trial (config + metrics + checkpoint),
+         rewritten as trials finish.
+
+Running the same spec again with the same output resumes the sweep (`Tuner.restore`): finished trials
+are kept, interrupted ones continue from their last checkpoint, failed ones are retried from theirs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from bae_core.cache import coder_columns, iter_activation_batches, open_cache, open_filesystem, write_bytes_atomic
+from bae_core.config import CoderConfig
+from bae_core.train import TrainConfig
+from ray_jobs.runtime import storage_path
+from ray_jobs.spec import CODER_FIELDS, METRICS, TRAIN_FIELDS, SpecError, SweepSpec
+
+log = logging.getLogger(__name__)
+
+TUNE_DIR = "tune"
+TRIALS_TABLE = "trials.parquet"
+SPEC_COPY = "spec.json"
+# Settings that may change between a sweep and its resumption: they do not change any trial's result.
+RESUMABLE_CHANGES = ("description", "search.max_concurrent", "resources.max_failures")
+
+
+# ---- the trial ------------------------------------------------------------------------------------
+
+
+def run_trial(config: dict[str, Any], *, spec_data: dict[str, Any], cache: str) -> None:
+    """The Tune function trainable: one coder, trained, checkpointed and evaluated on held-out tokens."""
+    from ray import tune
+
+    spec = SweepSpec.model_validate(spec_data)
+    hookpoint, coder, train = spec.trial_settings(config)
+    manifest = open_cache(cache)
+    started = time.perf_counter()
+    if spec.resources.workers > 1:
+        trainer, train_fvu = _train_distributed(spec, config, cache, hookpoint, coder, train)
+    else:
+        trainer, train_fvu = _train_in_process(spec, cache, manifest, hookpoint, coder, train)
+
+    from bae_core.metrics import evaluate_coder
+
+    held_out = iter_activation_batches(
+        cache,
+        hookpoint,
+        split="heldout",
+        batch_size=min(spec.training.batch_size, 8192),
+        transcoder=trainer.coder.cfg.is_transcoder,
+        shuffle_seed=None,
+        manifest=manifest,
+    )
+    evaluation = evaluate_coder(trainer.coder, held_out, max_tokens=spec.training.eval_tokens)
+    final = {
+        **_trial_facts(trainer, hookpoint),
+        **evaluation.summary(),
+        "train_fvu": train_fvu,
+        "train_seconds": time.perf_counter() - started,
+        "split": "heldout",
+    }
+    with tempfile.TemporaryDirectory() as d:
+        trainer.save_checkpoint(d)
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def _trial_facts(trainer, hookpoint: str) -> dict[str, Any]:
+    coder = trainer.coder
+    return {
+        "hookpoint": hookpoint,
+        "num_latents": coder.num_latents,
+        "d_in": coder.d_in,
+        "d_out": coder.d_out,
+        "lr": trainer.lr,
+        "steps": trainer.step_count,
+        "tokens": trainer.tokens_seen,
+    }
+
+
+def _train_in_process(spec: SweepSpec, cache: str, manifest, hookpoint: str, coder: dict, train: dict):
+    """Train in the trial's own process, reading the cache with pyarrow; checkpoints go to Tune."""
+    import torch
+    from ray import tune
+
+    from bae_core.train import Trainer, build_coder
+
+    ccfg = CoderConfig(**coder)
+    x_col, y_col = coder_columns(manifest, hookpoint, ccfg.is_transcoder)
+    widths = manifest.hookpoints[hookpoint].columns
+    device = "cuda" if spec.resources.gpus_per_worker and torch.cuda.is_available() else "cpu"
+    tcfg = TrainConfig(**{**train, "device": device, "log_every": 0})
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            trainer = Trainer.load_checkpoint(d, device=device)
+        log.info("trial resumes at step %d", trainer.step_count)
+    else:
+        trainer = Trainer(build_coder(ccfg, widths[x_col], widths[y_col] if y_col else None, seed=tcfg.seed), tcfg)
+    steps, every = spec.training.steps, spec.training.checkpoint_every
+    # A resumed trial reads the data in a fresh order rather than repeating the batches it has seen.
+    batches = iter_activation_batches(
+        cache,
+        hookpoint,
+        batch_size=spec.training.batch_size,
+        transcoder=ccfg.is_transcoder,
+        shuffle_seed=tcfg.seed * 1_000_003 + trainer.step_count,
+        epochs=None,
+        manifest=manifest,
+    )
+    recent: list[float] = []
+    while trainer.step_count < steps:
+        batch = next(batches)
+        m = trainer.step(*(batch if isinstance(batch, tuple) else (batch,)))
+        recent = [*recent[-(every - 1) :], m.fvu] if every > 1 else [m.fvu]
+        if trainer.step_count % every == 0 and trainer.step_count < steps:
+            rates = (trainer.firing_counts.double() / max(trainer.tokens_seen, 1)).cpu()
+            progress = {
+                **_trial_facts(trainer, hookpoint),
+                "fvu": sum(recent) / len(recent),
+                "l0": m.l0,
+                "dead_fraction": float((trainer.firing_counts == 0).double().mean()),
+                "frequent_fraction": float((rates > 0.01).double().mean()),
+                "dense_fraction": float((rates > 0.10).double().mean()),
+                "split": "train",
+            }
+            with tempfile.TemporaryDirectory() as d:
+                trainer.save_checkpoint(d)
+                tune.report(progress, checkpoint=tune.Checkpoint.from_directory(d))
+    trainer.eval_mode()
+    return trainer, (sum(recent) / len(recent) if recent else math.nan)
+
+
+def _train_distributed(spec: SweepSpec, config: dict, cache: str, hookpoint: str, coder: dict, train: dict):
+    """Run a data-parallel TorchTrainer for this trial; it checkpoints into the run folder and resumes."""
+    from ray import tune
+
+    from bae_core.train import Trainer
+    from ray_jobs.train_job import TrainJob, run_train
+
+    res = spec.resources
+    trial_id = tune.get_context().get_trial_id()
+    job = TrainJob(
+        cache=cache,
+        hookpoint=hookpoint,
+        out=f"{storage_path(spec.run_dir).rstrip('/')}/train",
+        coder=coder,
+        train=train,
+        steps=spec.training.steps,
+        batch_size=spec.training.batch_size // res.workers,
+        checkpoint_every=spec.training.checkpoint_every,
+        workers=res.workers,
+        cpus_per_worker=res.cpus_per_worker,
+        gpus_per_worker=res.gpus_per_worker,
+        max_failures=res.max_failures,
+        name=f"trial-{trial_id}",
+    )
+    result = run_train(job)
+    with result.checkpoint.as_directory() as d:
+        trainer = Trainer.load_checkpoint(d, device="cpu")
+    history = result.metrics_dataframe
+    train_fvu = float(history["fvu"].iloc[-1]) if history is not None and len(history) else math.nan
+    return trainer, train_fvu
+
+
+# ---- the driver ---------------------------------------------------------------------------------------
+
+
+def param_space(spec: SweepSpec) -> dict[str, Any]:
+    """The spec's search space in Tune's terms."""
+    from ray import tune
+
+    space = {"hookpoint": spec.hookpoints, **{k: v for k, v in spec.space.items() if k != "hookpoint"}}
+    if spec.search.algorithm == "grid":
+        return {key: tune.grid_search(values) for key, values in space.items()}
+    samplers = {
+        "uniform": tune.uniform,
+        "loguniform": tune.loguniform,
+        "int": lambda lo, hi: tune.randint(lo, hi + 1),
+        "logint": lambda lo, hi: tune.lograndint(lo, hi + 1),
+    }
+    out = {}
+    for key, values in space.items():
+        if isinstance(values, dict):
+            ((kind, (lo, hi)),) = values.items()
+            out[key] = samplers[kind](lo, hi)
+        else:
+            out[key] = tune.choice(values)
+    return out
+
+
+def trial_resources(spec: SweepSpec) -> dict[str, float]:
+    """What Tune reserves for one trial. A multi-worker trial's own process only drives its TorchTrainer,
+    whose workers reserve their resources themselves."""
+    res = spec.resources
+    if res.workers > 1:
+        return {"cpu": 0.01}
+    return {"cpu": res.cpus_per_worker, "gpu": res.gpus_per_worker}
+
+
+def _search_alg(spec: SweepSpec):
+    from ray.tune.search import ConcurrencyLimiter
+
+    if spec.search.algorithm != "optuna":
+        return None
+    from ray.tune.search.optuna import OptunaSearch
+
+    metrics, modes = list(spec.search.objectives), list(spec.search.objectives.values())
+    searcher = OptunaSearch(
+        metric=metrics if len(metrics) > 1 else metrics[0],
+        mode=modes if len(modes) > 1 else modes[0],
+        seed=spec.search.seed,
+    )
+    if spec.search.max_concurrent:
+        return ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)
+    return searcher
+
+
+class TrialsTable(Callback):
+    """Driver-side Tune callback: prints a line per finished trial and rewrites trials.parquet."""
+
+    def __init__(self, run_dir: str, total: int, provenance: dict[str, Any], quiet: bool = False):
+        self.run_dir = run_dir
+        self.total = total
+        self.provenance = provenance
+        self.quiet = quiet
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._announce(trial, trials, "done")
+        self._write(trials)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._announce(trial, trials, "FAILED")
+        self._write(trials)
+
+    def on_experiment_end(self, trials, **info):
+        self._write(trials)
+
+    def _announce(self, trial, trials, what: str) -> None:
+        if self.quiet:
+            return
+        finished = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
+        r = trial.last_result or {}
+        settings = " ".join(f"{k}={v}" for k, v in trial.config.items())
+        figures = (
+            f"fvu={r['fvu']:.4f} l0={r['l0']:.1f} dead={r['dead_fraction']:.3f} dense={r['dense_fraction']:.3f}"
+            if r.get("split") == "heldout"
+            else ""
+        )
+        print(f"  [{finished}/{self.total}] {what} {settings} {figures}".rstrip(), file=sys.stderr, flush=True)
+
+    def _write(self, trials) -> None:
+        rows = [trial_row(t, self.provenance) for t in trials if t.status in ("TERMINATED", "ERROR")]
+        if rows:
+            write_trials_table(self.run_dir, rows)
+
+
+def trial_row(trial, provenance: dict[str, Any]) -> dict[str, Any]:
+    """One row of trials.parquet: the trial's full settings, its held-out metrics and its checkpoint."""
+    spec = SweepSpec.model_validate(provenance["spec"])
+    hookpoint, coder, train = spec.trial_settings(trial.config)
+    result = trial.last_result or {}
+    final = result.get("split") == "heldout"
+    ccfg = dataclasses.asdict(CoderConfig(**coder))
+    tcfg = dataclasses.asdict(TrainConfig(**train))
+    row: dict[str, Any] = {
+        "trial_id": trial.trial_id,
+        "status": "finished" if trial.status == "TERMINATED" and final else "failed",
+        "hookpoint": hookpoint,
+        **{k: ccfg[k] for k in CODER_FIELDS},
+        **{k: tcfg[k] for k in TRAIN_FIELDS},
+    }
+    for key in ("num_latents", "lr", "d_in", "d_out", "steps", "tokens"):
+        if key in result:
+            row[key] = result[key]
+    for key in (*METRICS, "eval_tokens", "train_fvu", "train_seconds"):
+        row[key] = result.get(key) if final else None
+    checkpoint = trial.checkpoint
+    row["checkpoint"] = checkpoint.path if checkpoint is not None and final else None
+    row["error"] = _error_text(trial)
+    row.update({k: v for k, v in provenance.items() if k != "spec"})
+    return row
+
+
+def _error_text(trial) -> str | None:
+    if trial.status != "ERROR":
+        return None
+    path = getattr(trial, "error_file", None) or ""
+    try:
+        text = Path(path).read_text().strip().splitlines()
+        return text[-1] if text else "error"
+    except OSError:
+        return "error (see the trial's folder under tune/)"
+
+
+def write_trials_table(run_dir: str, rows: list[dict[str, Any]]) -> None:
+    """trials.parquet, rewritten atomically, so a reader never sees a partial table."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows).sort_values("trial_id", kind="stable").reset_index(drop=True)
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    fs, base = open_filesystem(run_dir)
+    write_bytes_atomic(fs, f"{base}/{TRIALS_TABLE}", buffer.getvalue())
+
+
+def code_version() -> str:
+    """The package version, plus the git commit when running from a checkout."""
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("bae-frontier")
+    except PackageNotFoundError:
+        v = "unknown"
+    try:
+        sha = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=8"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{v}+{sha}" if sha else v
+
+
+def _check_same_spec(spec: SweepSpec, run_dir: str) -> None:
+    """Refuse to resume a run folder whose sweep had other settings; name the first difference."""
+    fs, base = open_filesystem(run_dir)
+    path = f"{base}/{SPEC_COPY}"
+    current = _flatten(spec.model_dump(mode="json"))
+    info = fs.get_file_info(path)
+    if info.type.name == "NotFound":
+        write_bytes_atomic(fs, path, json.dumps(spec.model_dump(mode="json"), indent=2).encode())
+        return
+    with fs.open_input_stream(path) as f:
+        saved = _flatten(json.loads(f.read().decode()))
+    for key in sorted(set(saved) | set(current)):
+        if key.startswith(RESUMABLE_CHANGES) or key == "output":
+            continue
+        if saved.get(key) != current.get(key):
+            raise SpecError(
+                f"spec: {run_dir} holds a sweep with {key}={saved.get(key)!r}, this spec has {current.get(key)!r}; "
+                "resume it with the same spec, or choose another output folder"
+            )
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and key not in ("space",):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def run_sweep(spec: SweepSpec, *, cache_progress=None, quiet: bool = False):
+    """Run (or resume) the sweep; returns Tune's ResultGrid. The cache is created or resumed first."""
+    from ray import tune
+
+    from ray_jobs.cache_job import run_cache
+
+    # Trials checkpoint often by design (a failure loses at most `checkpoint_every` steps).
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    run_dir = storage_path(spec.run_dir)
+    cache = storage_path(spec.cache_root)
+    _check_same_spec(spec, run_dir)
+    manifest = run_cache(dataclasses.replace(spec.cache_request(), root=cache), progress=cache_progress)
+    if spec.search.algorithm == "grid":
+        for point in spec.grid():
+            hp = manifest.hookpoints[point["hookpoint"]]
+            spec.check_trial(point, d_in=hp.columns.get("input", hp.columns["output"]))
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, spec_data=spec.model_dump(mode="json"), cache=cache),
+        trial_resources(spec),
+    )
+    provenance = {
+        "model": manifest.model,
+        "revision": manifest.revision,
+        "dataset": manifest.dataset,
+        "cache": cache,
+        "sweep": spec.name,
+        "code_version": code_version(),
+        "spec": spec.model_dump(mode="json"),
+    }
+    experiment = f"{run_dir.rstrip('/')}/{TUNE_DIR}"
+    if tune.Tuner.can_restore(experiment):
+        if not quiet:
+            print(f"resuming the sweep in {experiment}", file=sys.stderr, flush=True)
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(spec),
+            tune_config=tune.TuneConfig(
+                search_alg=_search_alg(spec),
+                num_samples=spec.search.num_samples,
+                max_concurrent_trials=spec.search.max_concurrent if spec.search.algorithm == "grid" else None,
+            ),
+            run_config=tune.RunConfig(
+                name=TUNE_DIR,
+                storage_path=run_dir,
+                failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=3),
+                callbacks=[TrialsTable(run_dir, spec.num_trials(), provenance, quiet)],
+                verbose=0,
+            ),
+        )
+    return tuner.fit()
