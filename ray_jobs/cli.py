@@ -350,9 +350,7 @@ def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("spec", help="a YAML sweep spec, e.g. sweeps/quickstart.yaml")
     p.add_argument("--output", default=None, help="run folder (local path or URI); overrides the spec's output")
-    p.add_argument(
-        "--dry-run", action="store_true", help="print the trial plan and resources; run nothing"
-    )
+    p.add_argument("--dry-run", action="store_true", help="print the trial plan and resources; run nothing")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=run_sweep_cmd)

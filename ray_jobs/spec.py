@@ -157,6 +157,14 @@ class SweepSpec(_Section):
             raise SpecError(f"cache.{err}") from None
         _check_keys("coder", self.coder, CODER_FIELDS)
         _check_keys("train", self.train, TRAIN_FIELDS)
+        # A bad fixed value is named where it is written, not as a fault of the first searched value.
+        for section, config in (("coder", CoderConfig), ("train", TrainConfig)):
+            fixed = getattr(self, section)
+            try:
+                config(**fixed)
+            except ValueError as err:
+                if str(err).split(":", 1)[0] in fixed:
+                    raise SpecError(f"{section}.{err}") from None
         self._check_space()
         for key in ("coder", "train"):
             overlap = sorted(set(getattr(self, key)) & set(self.space))
