@@ -227,16 +227,14 @@ def _write_units(req, manifest, items, fs, base, progress) -> None:
     import ray
 
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    resources = {"num_cpus": req.cpus_per_actor}
-    if req.gpus_per_actor:
-        resources["num_gpus"] = req.gpus_per_actor
+    # Ray Data places its actors with DataContext.scheduling_strategy, SPREAD by default: one per node first.
     records = ds.map_batches(
         _CaptureWriter,
         fn_constructor_args=(req, list(manifest.hookpoints)),
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=req.actors),
-        scheduling_strategy="SPREAD",
-        **resources,
+        num_cpus=req.cpus_per_actor,
+        num_gpus=req.gpus_per_actor or None,
     )
     last_save = time.monotonic()
     for done, row in enumerate(records.iter_rows(), start=1):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +25,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs = {"log_to_driver": False, "logging_level": logging.WARNING} if quiet else {}
+    if address and address not in ("auto", "local"):
+        check_reachable(address)
     try:
         if address:
             ray.init(address=address, **kwargs)
@@ -35,6 +39,26 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
             "that the head node is up (`ray status`), and that this machine can reach it"
         ) from err
     log.info("ray: connected to %s", ray.get_runtime_context().gcs_address)
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast, naming the address, when nothing listens there: `ray.init` would wait minutes first."""
+    parts = urlsplit(address if "://" in address else f"ray-gcs://{address}")
+    host, port = parts.hostname, parts.port
+    if port is None:
+        port = 10001 if parts.scheme == "ray" else None
+    if not host or port is None:
+        raise ConnectionError(
+            f"ray: {address!r} is not a Ray address; give host:port of the head node (e.g. 10.0.0.5:6379), "
+            "or ray://host:10001 for Ray Client"
+        )
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        raise ConnectionError(
+            f"ray: cannot reach the cluster at {address} ({err.strerror or err}). Check the address (RAY_ADDRESS or "
+            "--address), that the head node is up (`ray status` on it), and that this machine can reach its port"
+        ) from None
 
 
 def storage_path(path: str) -> str:

@@ -1,0 +1,35 @@
+"""Shared test helpers: a small sweep spec on the embedded model that trains in seconds."""
+
+import pytest
+
+
+def sweep_spec(output, cache_root=None, **sections) -> dict:
+    """A sweep of tiny coders on layers.3.mlp of the embedded model; `sections` replace or extend the defaults
+    (a dict section is merged key by key)."""
+    spec = {
+        "name": "tiny",
+        "output": str(output),
+        "cache": {
+            "hookpoints": ["layers.3.mlp"],
+            "seq_len": 32,
+            "train_tokens": 2048,
+            "heldout_tokens": 512,
+            "sequences_per_unit": 16,
+            "batch_size": 16,
+        },
+        "coder": {"expansion_factor": 2, "k": 8},
+        "space": {"activation": ["topk", "binary_topk"], "kind": ["sae", "skip_transcoder"]},
+        "search": {"algorithm": "grid", "max_concurrent": 2},
+        "training": {"steps": 20, "batch_size": 128, "checkpoint_every": 10, "eval_tokens": 512},
+        "resources": {"cpus_per_worker": 1},
+    }
+    if cache_root is not None:
+        spec["cache"]["root"] = str(cache_root)
+    for key, value in sections.items():
+        spec[key] = {**spec[key], **value} if isinstance(value, dict) and key in ("cache", "training") else value
+    return spec
+
+
+@pytest.fixture
+def make_spec():
+    return sweep_spec

@@ -1,0 +1,117 @@
+"""`bae sweep` in-process on a local Ray: grid and Optuna sweeps of real coders on the embedded model's cache."""
+
+import os
+
+import pandas as pd
+import pytest
+import ray
+import torch
+
+from bae_core.cache import iter_activation_batches
+from bae_core.train import Trainer
+from ray_jobs.cache_job import run_cache
+from ray_jobs.spec import SpecError, parse_spec
+from ray_jobs.sweep_job import TRIALS_TABLE, run_sweep
+
+CONFIG_COLUMNS = ["trial_id", "status", "hookpoint", "activation", "kind", "k", "expansion_factor", "optimizer", "seed"]
+METRIC_COLUMNS = ["fvu", "l0", "dead_fraction", "frequent_fraction", "dense_fraction", "train_fvu", "train_seconds"]
+PROVENANCE_COLUMNS = ["num_latents", "d_in", "d_out", "steps", "tokens", "checkpoint", "error", "model", "cache"]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cache_root(local_ray, tmp_path_factory):
+    from conftest import sweep_spec
+
+    root = tmp_path_factory.mktemp("cache")
+    run_cache(parse_spec(sweep_spec("unused", root)).cache_request())
+    return root
+
+
+def checkpoint_mtimes(folder) -> dict[str, int]:
+    return {
+        os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+        for d, _, files in os.walk(folder)
+        for f in files
+        if "checkpoint_" in d
+    }
+
+
+def test_grid_sweep_trains_every_combination_and_writes_the_trials_table(local_ray, cache_root, tmp_path, make_spec):
+    spec = parse_spec(make_spec(tmp_path / "run", cache_root))
+    results = run_sweep(spec, quiet=True)
+    assert len(results) == 4 and all(r.error is None for r in results)
+
+    trials = pd.read_parquet(tmp_path / "run" / TRIALS_TABLE)
+    assert set(CONFIG_COLUMNS + METRIC_COLUMNS + PROVENANCE_COLUMNS) <= set(trials.columns)
+    assert len(trials) == 4 and (trials["status"] == "finished").all()
+    assert set(zip(trials["activation"], trials["kind"], strict=True)) == {
+        (a, kind) for a in ("topk", "binary_topk") for kind in ("sae", "skip_transcoder")
+    }
+    assert (trials["num_latents"] == 2 * 576).all() and (trials["steps"] == 20).all()
+    assert (trials["tokens"] == 20 * 128).all() and (trials["eval_tokens"] == 512).all()
+    # Twenty steps already beat predicting the mean (FVU 1); binary codes never fire more than k latents.
+    assert ((trials["fvu"] > 0) & (trials["fvu"] < 1)).all()
+    assert (trials["l0"] <= 8 + 1e-6).all() and (trials.loc[trials["activation"] == "topk", "l0"] == 8).all()
+    assert trials["dead_fraction"].between(0, 1).all() and trials["error"].isna().all()
+    assert (trials["model"] == "embedded:SmolLM2-135M-Instruct").all()
+
+    # Each row's checkpoint is the trained coder: it reproduces the held-out FVU the row reports.
+    row = trials[(trials["activation"] == "binary_topk") & (trials["kind"] == "sae")].iloc[0]
+    trainer = Trainer.load_checkpoint(row["checkpoint"])
+    assert trainer.step_count == 20 and trainer.coder.cfg.activation == "binary_topk"
+    trainer.eval_mode()
+    x = next(iter_activation_batches(str(cache_root), "layers.3.mlp", split="heldout", batch_size=512))
+    with torch.no_grad():
+        code = trainer.coder.encode(x)
+        y_hat = trainer.coder.decode(code, x).double()
+    z = code.to_dense(trainer.coder.num_latents)
+    x = x.double()
+    fvu = float(((y_hat - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+    assert set(z.unique().tolist()) <= {0.0, 1.0}
+    assert fvu == pytest.approx(row["fvu"], rel=1e-3)
+
+    # Running the finished sweep again trains nothing: the same table, the checkpoints untouched.
+    before = checkpoint_mtimes(tmp_path / "run" / "tune")
+    again = run_sweep(spec, quiet=True)
+    assert len(again) == 4 and all(r.error is None for r in again)
+    assert checkpoint_mtimes(tmp_path / "run" / "tune") == before
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "run" / TRIALS_TABLE), trials)
+
+    # ... and the same folder refuses a sweep with other settings, naming the first difference.
+    other = parse_spec(make_spec(tmp_path / "run", cache_root, coder={"expansion_factor": 2, "k": 4}))
+    with pytest.raises(SpecError, match=r"holds a sweep with coder\.k=8, this spec has 4"):
+        run_sweep(other, quiet=True)
+
+
+def test_optuna_multi_objective_sweep_samples_the_space(local_ray, cache_root, tmp_path, make_spec):
+    spec = parse_spec(
+        make_spec(
+            tmp_path / "run",
+            cache_root,
+            coder={"expansion_factor": 2},
+            space={"activation": ["topk", "binary_topk"], "k": {"logint": [4, 16]}},
+            search={
+                "algorithm": "optuna",
+                "num_samples": 3,
+                "objectives": {"fvu": "min", "dead_fraction": "min"},
+                "max_concurrent": 2,
+                "seed": 1,
+            },
+        )
+    )
+    results = run_sweep(spec, quiet=True)
+    assert len(results) == 3 and all(r.error is None for r in results)
+    trials = pd.read_parquet(tmp_path / "run" / TRIALS_TABLE)
+    assert len(trials) == 3 and (trials["status"] == "finished").all()
+    assert trials["k"].between(4, 16).all() and set(trials["activation"]) <= {"topk", "binary_topk"}
+    assert trials[["fvu", "dead_fraction"]].notna().all().all()
+    # Each trial trained with the k it was given: TopK codes have exactly k active latents.
+    topk = trials[trials["activation"] == "topk"]
+    assert (topk["l0"] == topk["k"]).all()
