@@ -297,6 +297,7 @@ def trial_row(trial, provenance: dict[str, Any]) -> dict[str, Any]:
         row[key] = result.get(key) if final else None
     checkpoint = trial.checkpoint
     row["checkpoint"] = checkpoint.path if checkpoint is not None and final else None
+    row["failures"] = trial.num_failures  # retries from a checkpoint: a dead worker or node, an error
     row["error"] = _error_text(trial)
     row.update({k: v for k, v in provenance.items() if k != "spec"})
     return row

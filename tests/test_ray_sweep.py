@@ -15,7 +15,18 @@ from ray_jobs.sweep_job import TRIALS_TABLE, run_sweep
 
 CONFIG_COLUMNS = ["trial_id", "status", "hookpoint", "activation", "kind", "k", "expansion_factor", "optimizer", "seed"]
 METRIC_COLUMNS = ["fvu", "l0", "dead_fraction", "frequent_fraction", "dense_fraction", "train_fvu", "train_seconds"]
-PROVENANCE_COLUMNS = ["num_latents", "d_in", "d_out", "steps", "tokens", "checkpoint", "error", "model", "cache"]
+PROVENANCE_COLUMNS = [
+    "num_latents",
+    "d_in",
+    "d_out",
+    "steps",
+    "tokens",
+    "checkpoint",
+    "failures",
+    "error",
+    "model",
+    "cache",
+]
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +71,7 @@ def test_grid_sweep_trains_every_combination_and_writes_the_trials_table(local_r
     assert ((trials["fvu"] > 0) & (trials["fvu"] < 1)).all()
     assert (trials["l0"] <= 8 + 1e-6).all() and (trials.loc[trials["activation"] == "topk", "l0"] == 8).all()
     assert trials["dead_fraction"].between(0, 1).all() and trials["error"].isna().all()
+    assert (trials["failures"] == 0).all()
     assert (trials["model"] == "embedded:SmolLM2-135M-Instruct").all()
 
     # Each row's checkpoint is the trained coder: it reproduces the held-out FVU the row reports.

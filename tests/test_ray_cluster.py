@@ -1,0 +1,93 @@
+"""Several Ray nodes on one machine (`ray.cluster_utils.Cluster`, real raylets): the cache is written by actors
+on more than one node, and a node that dies in the middle of a sweep costs no finished trial."""
+
+import threading
+import time
+
+import pandas as pd
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from bae_core.cache import verify_cache
+from ray_jobs.cache_job import run_cache
+from ray_jobs.spec import parse_spec
+from ray_jobs.sweep_job import TRIALS_TABLE, run_sweep
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # The head runs the drivers only; each worker node has one CPU, so work on two nodes at once proves
+    # it was spread, and a trial running there dies with its node.
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    workers = [c.add_node(num_cpus=1) for _ in range(2)]
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    yield c, workers
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cache_root(cluster, tmp_path_factory):
+    from conftest import sweep_spec
+
+    root = tmp_path_factory.mktemp("cache")
+    request = parse_spec(sweep_spec("unused", root, cache={"actors": 2, "sequences_per_unit": 8})).cache_request()
+    manifest = run_cache(request)
+    return root, manifest
+
+
+def test_cache_is_written_by_actors_on_two_nodes(cluster, cache_root):
+    (_, workers), (root, manifest) = cluster, cache_root
+    assert {s.node for s in manifest.shards} == {w.node_id for w in workers}
+    assert verify_cache(str(root)) == len(manifest.shards) == 2048 // 256 + 512 // 256
+
+
+def test_a_node_lost_mid_sweep_costs_no_finished_trial(cluster, cache_root, tmp_path, make_spec):
+    c, workers = cluster
+    root, _ = cache_root
+    run = tmp_path / "run"
+    # Four trials, two at a time (one per node); long enough that the others are still running when a node goes.
+    spec = parse_spec(
+        make_spec(
+            run,
+            root,
+            cache={"sequences_per_unit": 8},
+            training={"steps": 60, "checkpoint_every": 10},
+            space={"activation": ["topk", "binary_topk"], "kind": ["sae", "skip_transcoder"]},
+            resources={"cpus_per_worker": 1, "max_failures": 3},
+        )
+    )
+    seen: dict[str, pd.DataFrame] = {}
+
+    def remove_a_node_after_the_first_trial():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            try:
+                table = pd.read_parquet(run / TRIALS_TABLE)
+            except (OSError, ValueError):
+                table = None
+            if table is not None and (table["status"] == "finished").any():
+                seen["before"] = table
+                c.remove_node(workers[1])
+                return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=remove_a_node_after_the_first_trial, daemon=True)
+    killer.start()
+    results = run_sweep(spec, quiet=True)
+    killer.join(timeout=5)
+
+    assert "before" in seen, "no trial finished before the sweep ended: the node was never removed"
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2  # the head and one worker remain
+    trials = pd.read_parquet(run / TRIALS_TABLE)
+    assert len(results) == 4 and all(r.error is None for r in results)
+    assert len(trials) == 4 and (trials["status"] == "finished").all() and (trials["steps"] == 60).all()
+    # The trial that ran on the lost node was retried from its last checkpoint, and says so.
+    assert trials["failures"].sum() >= 1
+    # The trials finished before the node went are in the final table unchanged.
+    before = seen["before"].set_index("trial_id")
+    finished = before[before["status"] == "finished"]
+    after = trials.set_index("trial_id").loc[finished.index]
+    pd.testing.assert_frame_equal(after[finished.columns], finished)
