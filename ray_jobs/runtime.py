@@ -28,10 +28,11 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
     if address and address not in ("auto", "local"):
         check_reachable(address)
     try:
-        if address:
-            ray.init(address=address, **kwargs)
+        if address in (None, "local"):
+            # "local" always starts a new cluster; None joins one that `ray start` runs on this machine, if any.
+            ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, **kwargs)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+            ray.init(address=address, **kwargs)
     except (ConnectionError, TimeoutError, RuntimeError) as err:
         where = address or "a new local cluster"
         raise ConnectionError(
