@@ -250,6 +250,12 @@ class Trainer:
         n = x.shape[0]
         with torch.no_grad():
             fired = out.code.firing_counts(coder.num_latents)
+            if self.forward_module is not coder:
+                # Data-parallel: every worker counts every worker's tokens, so token counts, firing counts
+                # and the dead latents that AuxK revives are global and the same on every worker.
+                counts = torch.cat([fired, fired.new_tensor([n])])
+                torch.distributed.all_reduce(counts)
+                fired, n = counts[:-1], int(counts[-1])
             self.firing_counts += fired
             self.tokens_since_fired += n
             self.tokens_since_fired[fired > 0] = 0

@@ -236,12 +236,19 @@ def _write_units(req, manifest, items, fs, base, progress) -> None:
         num_cpus=req.cpus_per_actor,
         num_gpus=req.gpus_per_actor or None,
     )
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.enable_progress_bars, ctx.print_on_execution_start
+    if progress is not None:  # the caller shows progress: Ray Data's own bars and log lines would repeat it
+        ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
     last_save = time.monotonic()
-    for done, row in enumerate(records.iter_rows(), start=1):
-        manifest.add(ShardRecord(**{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}))
-        if progress is not None:
-            progress(done, len(items) * len(manifest.hookpoints))
-        if time.monotonic() - last_save > 10:  # a crash of the driver loses at most ~10 s of records
-            manifest.save(fs, base)
-            last_save = time.monotonic()
+    try:
+        for done, row in enumerate(records.iter_rows(), start=1):
+            manifest.add(ShardRecord(**{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}))
+            if progress is not None:
+                progress(done, len(items) * len(manifest.hookpoints))
+            if time.monotonic() - last_save > 10:  # a crash of the driver loses at most ~10 s of records
+                manifest.save(fs, base)
+                last_save = time.monotonic()
+    finally:
+        ctx.enable_progress_bars, ctx.print_on_execution_start = saved
     manifest.save(fs, base)

@@ -127,3 +127,26 @@ def test_optuna_multi_objective_sweep_samples_the_space(local_ray, cache_root, t
     # Each trial trained with the k it was given: TopK codes have exactly k active latents.
     topk = trials[trials["activation"] == "topk"]
     assert (topk["l0"] == topk["k"]).all()
+
+
+def test_a_multi_worker_trial_trains_with_a_data_parallel_torch_trainer(local_ray, cache_root, tmp_path, make_spec):
+    # Half a CPU per worker: two workers and the trial's own process fit on 2 CPUs, with room for Ray Data.
+    spec = parse_spec(
+        make_spec(
+            tmp_path / "run",
+            cache_root,
+            space={"activation": ["binary_topk"], "kind": ["skip_transcoder"]},
+            resources={"workers": 2, "cpus_per_worker": 0.5},
+        )
+    )
+    results = run_sweep(spec, quiet=True)
+    assert len(results) == 1 and results[0].error is None
+    trials = pd.read_parquet(tmp_path / "run" / TRIALS_TABLE)
+    row = trials.iloc[0]
+    assert row["status"] == "finished" and row["steps"] == 20 and 0 < row["fvu"] < 1
+    # Each of the two workers read its own half of every 128-token step.
+    assert row["tokens"] == 20 * 128
+    # The TorchTrainer's checkpoints live in the run folder, under the trial's name.
+    assert list((tmp_path / "run" / "train").glob(f"trial-{row['trial_id']}/checkpoint_*"))
+    trainer = Trainer.load_checkpoint(row["checkpoint"])
+    assert trainer.coder.cfg.kind == "skip_transcoder" and trainer.step_count == 20
