@@ -65,4 +65,14 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 def storage_path(path: str) -> str:
     """A run folder as Ray's storage wants it: URIs unchanged, local paths absolute (a job submitted with
     `--working-dir` runs in a temporary copy of it, where a relative path would be lost)."""
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+    if "://" in path:
+        return path
+    resolved = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isabs(os.path.expanduser(path)) and "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        log.warning(
+            "%s is relative, and this command runs inside `ray job submit`, so it is resolved in the job's temporary "
+            "copy of the working directory: %s. Pass an absolute path, or a URI every node reaches (s3://...)",
+            path,
+            resolved,
+        )
+    return resolved

@@ -166,3 +166,16 @@ def test_sweep_submitted_with_ray_job_submit_runs_to_completion(ray_head, tmp_pa
     trials = pd.read_parquet(run / TRIALS_TABLE)
     assert len(trials) == 2 and (trials["status"] == "finished").all()
     assert sorted(trials["activation"]) == ["binary_topk", "topk"] and trials["fvu"].between(0, 1).all()
+
+
+def test_a_relative_output_inside_a_submitted_job_is_resolved_and_warned_about(tmp_path, monkeypatch, caplog):
+    from ray_jobs.runtime import storage_path
+
+    monkeypatch.chdir(tmp_path)
+    assert storage_path("s3://bucket/run") == "s3://bucket/run"
+    assert storage_path("runs/x") == str(tmp_path / "runs" / "x") and not caplog.records
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what `ray job submit` sets for its driver
+    assert storage_path("runs/x") == str(tmp_path / "runs" / "x")
+    assert "runs inside `ray job submit`" in caplog.text and "Pass an absolute path" in caplog.text
+    caplog.clear()
+    assert storage_path(str(tmp_path / "abs")) == str(tmp_path / "abs") and not caplog.records
