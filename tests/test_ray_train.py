@@ -82,7 +82,13 @@ def test_two_workers_train_data_parallel_and_resume(local_ray, synthetic_cache, 
     assert history["step"].tolist() == [30, 40]
 
 
-def test_bad_job_names_the_field(synthetic_cache, tmp_path):
+def test_bad_job_names_the_field(synthetic_cache, tmp_path, capsys):
+    from ray_jobs.cli import main
+
+    assert main(["train", synthetic_cache, "--hookpoint", "layers.7.mlp", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "bae train: error: --hookpoint: 'layers.7.mlp' is not in the cache" in err and "layers.0.mlp" in err
+
     with pytest.raises(ValueError, match="k: must be smaller than the number of latents"):
         job(synthetic_cache, tmp_path, coder={"k": 64, "num_latents": 64})
     with pytest.raises(ValueError, match="checkpoint_every"):
