@@ -226,6 +226,18 @@ def run_cache(req: CacheRequest, *, progress=None) -> CacheManifest:
 def _write_units(req, manifest, items, fs, base, progress) -> None:
     import ray
 
+    # The caller shows progress: Ray Data's own bars and log lines (and its note that they are off) would
+    # repeat it. A dataset keeps the context it was created with, so this comes first.
+    ctx = ray.data.DataContext.get_current()
+    quiet = {
+        logging.getLogger("ray.data._internal.progress"): logging.ERROR,
+        logging.getLogger("ray.data._internal.execution.streaming_executor"): logging.WARNING,
+    }
+    saved = ctx.enable_progress_bars, ctx.print_on_execution_start, {lg: lg.level for lg in quiet}
+    if progress is not None:
+        ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
+        for lg, level in quiet.items():
+            lg.setLevel(level)
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     # Ray Data places its actors with DataContext.scheduling_strategy, SPREAD by default: one per node first.
     records = ds.map_batches(
@@ -236,10 +248,6 @@ def _write_units(req, manifest, items, fs, base, progress) -> None:
         num_cpus=req.cpus_per_actor,
         num_gpus=req.gpus_per_actor or None,
     )
-    ctx = ray.data.DataContext.get_current()
-    saved = ctx.enable_progress_bars, ctx.print_on_execution_start
-    if progress is not None:  # the caller shows progress: Ray Data's own bars and log lines would repeat it
-        ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
     last_save = time.monotonic()
     try:
         for done, row in enumerate(records.iter_rows(), start=1):
@@ -250,5 +258,7 @@ def _write_units(req, manifest, items, fs, base, progress) -> None:
                 manifest.save(fs, base)
                 last_save = time.monotonic()
     finally:
-        ctx.enable_progress_bars, ctx.print_on_execution_start = saved
+        ctx.enable_progress_bars, ctx.print_on_execution_start = saved[:2]
+        for lg, level in saved[2].items():
+            lg.setLevel(level)
     manifest.save(fs, base)
