@@ -1,6 +1,16 @@
-"""Shared test helpers: a small sweep spec on the embedded model that trains in seconds."""
+"""Shared test helpers: a local Ray per test module, and a small sweep spec on the embedded model that trains
+in seconds."""
 
 import pytest
+import ray
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray cluster of 2 CPUs for the test module that asks for it, shut down after the module."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 def sweep_spec(output, cache_root=None, **sections) -> dict:

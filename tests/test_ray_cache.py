@@ -5,7 +5,6 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 
 from bae_core.cache import (
@@ -20,13 +19,6 @@ from bae_core.lm import capture, load_model, resolve_hookpoints
 from ray_jobs.cache_job import CacheRequest, run_cache
 
 HOOKS = ["layers.3.mlp", "layers.5"]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def request(root, **kw) -> CacheRequest:

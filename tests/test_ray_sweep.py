@@ -4,7 +4,6 @@ import os
 
 import pandas as pd
 import pytest
-import ray
 import torch
 
 from bae_core.cache import iter_activation_batches
@@ -27,13 +26,6 @@ PROVENANCE_COLUMNS = [
     "model",
     "cache",
 ]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -4,19 +4,11 @@ import json
 
 import numpy as np
 import pytest
-import ray
 
 from bae_core import SparseCoder
 from bae_core.cache import CacheManifest, HookpointInfo, build_table, open_filesystem, write_shard
 from bae_core.synthetic import SyntheticConfig, SyntheticData
 from ray_jobs.train_job import TrainJob, export_coder, run_train
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
