@@ -1,0 +1,190 @@
+"""The offline interpretability score: a lexical explainer and simulator (evaluation.md §3a).
+
+A latent's explanation is a short list of token rules, unigrams (token == a) and bigrams (previous token == a
+and token == b), chosen greedily on the explain split to maximise the F1 of their union against the latent's
+firing. The simulator scores a token by the best precision estimate of the rules it matches; the latent's
+score is how well that predicts its firing on held-out test windows:
+
+- token level (the fuzzing analogue, the headline number): AUROC of the token scores against firing, over the
+  test activating windows and as many non-activating ones;
+- window level (the detection analogue): AUROC of each window's maximum token score against whether the
+  latent fires in it, and the balanced accuracy and F1 of "a rule matches somewhere in the window".
+
+It needs no LLM, so it runs on a laptop CPU and in CI. Every output carries `LABEL`: it measures how far a
+latent is explained by which tokens it sits on, and under-scores latents that track context; it is a proxy,
+not the paper's LLM judge.
+
+Windows are given as arrays of shape (windows, width): `tokens` (token ids), `prev` (the id of the token before
+each position, -1 where there is none) and `fires` (bool, the latent is non-zero there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.stats import mannwhitneyu
+
+LABEL = "lexical explainability (token/bigram rules)"
+MAX_RULES = 8
+MIN_HITS = 3
+"""A rule must match at least this many firing positions of the explain split to be chosen."""
+
+_NO_TOKEN = -1
+
+
+@dataclass(frozen=True)
+class Rule:
+    """token == `token`, and, for a bigram, previous token == `prev`. `precision` is (hits + 1) / (support + 2)
+    on the explain split."""
+
+    token: int
+    prev: int | None
+    support: int
+    hits: int
+
+    @property
+    def precision(self) -> float:
+        return (self.hits + 1) / (self.support + 2)
+
+    def matches(self, tokens: np.ndarray, prev: np.ndarray) -> np.ndarray:
+        hit = tokens == self.token
+        return hit if self.prev is None else hit & (prev == self.prev)
+
+    def render(self, decode=None) -> str:
+        show = (lambda t: repr(decode([t]))) if decode is not None else str
+        text = show(self.token) if self.prev is None else f"{show(self.prev)} {show(self.token)}"
+        return f"{text} (p={self.precision:.2f}, {self.hits}/{self.support})"
+
+
+def explain(tokens: np.ndarray, prev: np.ndarray, fires: np.ndarray, max_rules: int = MAX_RULES) -> list[Rule]:
+    """Greedy rule list on the explain split: each step adds the candidate that most raises the F1 of the rules'
+    union, among candidates with at least `MIN_HITS` hits; it stops when no candidate raises the F1."""
+    tokens, prev, fires = (np.asarray(a).reshape(-1) for a in (tokens, prev, fires))
+    fires = fires.astype(bool)
+    positives = int(fires.sum())
+    if positives == 0:
+        return []
+    unigram = tokens.astype(np.int64)
+    # One int64 key per bigram; positions without a previous token get no bigram.
+    has_prev = prev >= 0
+    width = int(max(tokens.max(initial=0), prev.max(initial=0))) + 1
+    bigram = np.where(has_prev, prev.astype(np.int64) * width + unigram, _NO_TOKEN)
+
+    rules: list[Rule] = []
+    covered = np.zeros_like(fires)
+    tp = fp = 0
+    best_f1 = 0.0
+    for _ in range(max_rules):
+        best = None
+        free = ~covered
+        for keys, is_bigram in ((unigram, False), (bigram, True)):
+            ok = free & (keys != _NO_TOKEN)
+            values, inverse = np.unique(keys[ok], return_inverse=True)
+            if len(values) == 0:
+                continue
+            gain_hits = np.bincount(inverse, weights=fires[ok], minlength=len(values))
+            gain_all = np.bincount(inverse, minlength=len(values))
+            new_tp = tp + gain_hits
+            new_fp = fp + (gain_all - gain_hits)
+            f1 = 2 * new_tp / (positives + new_tp + new_fp)
+            # Hits on the whole explain split (the rule's own support), not only where it adds something.
+            candidates = np.flatnonzero(f1 > best_f1 + 1e-12)
+            for i in candidates[np.argsort(-f1[candidates], kind="stable")]:
+                match = keys == values[i]
+                hits = int((match & fires).sum())
+                if hits < MIN_HITS:
+                    continue
+                if best is None or f1[i] > best[0] + 1e-12:
+                    key = int(values[i])
+                    rule = (
+                        Rule(token=key % width, prev=key // width, support=int(match.sum()), hits=hits)
+                        if is_bigram
+                        else Rule(token=key, prev=None, support=int(match.sum()), hits=hits)
+                    )
+                    best = (float(f1[i]), rule, match)
+                break
+        if best is None:
+            break
+        best_f1, rule, match = best
+        rules.append(rule)
+        tp += int((match & fires & ~covered).sum())
+        fp += int((match & ~fires & ~covered).sum())
+        covered |= match
+    return rules
+
+
+def simulate(rules: list[Rule], tokens: np.ndarray, prev: np.ndarray) -> np.ndarray:
+    """Token scores s(t) = the best precision among the rules t matches (0 where none does)."""
+    scores = np.zeros(np.shape(tokens), dtype=np.float64)
+    for rule in rules:
+        np.maximum(scores, np.where(rule.matches(tokens, prev), rule.precision, 0.0), out=scores)
+    return scores
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (ties count one half): the Mann-Whitney U of the positives over n+ x n-.
+    NaN when either class is empty."""
+    scores, labels = np.asarray(scores).reshape(-1), np.asarray(labels, dtype=bool).reshape(-1)
+    pos, neg = scores[labels], scores[~labels]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    return float(mannwhitneyu(pos, neg, alternative="two-sided", method="asymptotic").statistic / (len(pos) * len(neg)))
+
+
+@dataclass(frozen=True)
+class LexicalScore:
+    """One latent's lexical simulation score on its test windows; `explanation` is the rendered rule list."""
+
+    token_auroc: float
+    window_auroc: float
+    window_balanced_accuracy: float
+    window_f1: float
+    rules: int
+    explanation: str
+    label: str = LABEL
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def score_latent(
+    explain_windows: tuple[np.ndarray, np.ndarray, np.ndarray],
+    test_windows: tuple[np.ndarray, np.ndarray, np.ndarray],
+    *,
+    decode=None,
+) -> LexicalScore:
+    """Explain on `explain_windows`, score on `test_windows` (each `(tokens, prev, fires)`, windows x width).
+
+    A test window is activating when the latent fires anywhere in it. `decode` (token ids -> text) only
+    renders the explanation. Always answering "fires" scores window F1 = 2/3 on a balanced test set.
+    """
+    rules = explain(*explain_windows)
+    tokens, prev, fires = (np.asarray(a) for a in test_windows)
+    fires = fires.astype(bool)
+    scores = simulate(rules, tokens, prev)
+    window_fires = fires.any(axis=1)
+    window_scores = scores.max(axis=1)
+    predicted = window_scores > 0
+    tp = int((predicted & window_fires).sum())
+    fp = int((predicted & ~window_fires).sum())
+    fn = int((~predicted & window_fires).sum())
+    tn = int((~predicted & ~window_fires).sum())
+    recall = tp / (tp + fn) if tp + fn else float("nan")
+    specificity = tn / (tn + fp) if tn + fp else float("nan")
+    return LexicalScore(
+        token_auroc=auroc(scores, fires),
+        window_auroc=auroc(window_scores, window_fires),
+        window_balanced_accuracy=(recall + specificity) / 2,
+        window_f1=2 * tp / (2 * tp + fp + fn) if tp else 0.0,
+        rules=len(rules),
+        explanation="; ".join(rule.render(decode) for rule in rules) or "(no rule)",
+    )
+
+
+def shuffled_windows(
+    windows: tuple[np.ndarray, np.ndarray, np.ndarray], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The shuffled control: the same tokens, each window's firing pattern moved to a random other window."""
+    tokens, prev, fires = windows
+    return tokens, prev, np.asarray(fires)[rng.permutation(len(fires))]
