@@ -190,16 +190,24 @@ def split_documents(
         raise ValueError(f"heldout_fraction: must be a number with 0 <= heldout_fraction < 1, got {heldout_fraction!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed: must be an integer, got {seed!r}")
-    scores = [_split_score(seed, doc.doc_id) for doc in docs]
-    held = [score < heldout_fraction for score in scores]
-    if len(docs) >= 2 and heldout_fraction > 0:
-        if not any(held):
-            held[min(range(len(docs)), key=scores.__getitem__)] = True
-        elif all(held):
-            held[max(range(len(docs)), key=scores.__getitem__)] = False
+    held = hash_split([doc.doc_id for doc in docs], heldout_fraction, seed)
     train = [doc for doc, h in zip(docs, held, strict=True) if not h]
     heldout = [doc for doc, h in zip(docs, held, strict=True) if h]
     return train, heldout
+
+
+def hash_split(doc_ids: Sequence[str], fraction: float, seed: int = 0) -> np.ndarray:
+    """Per document id, True when a hash of (`seed`, id) in [0, 1) is below `fraction`. With at least two ids and
+    a positive fraction both sides are non-empty: if the hash puts every id on one side, the one nearest the
+    boundary moves across."""
+    scores = np.asarray([_split_score(seed, doc_id) for doc_id in doc_ids], dtype=np.float64)
+    side = scores < fraction
+    if len(side) >= 2 and fraction > 0:
+        if not side.any():
+            side[scores.argmin()] = True
+        elif side.all():
+            side[scores.argmax()] = False
+    return side
 
 
 def _split_score(seed: int, doc_id: str) -> float:
