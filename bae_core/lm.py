@@ -513,3 +513,24 @@ def zero_ablate(loaded: LoadedModel, hookpoint: Hookpoint) -> Iterator[None]:
     """While active, the module at `hookpoint` outputs zeros (for an MLP: as if it were removed)."""
     with _replaced_output(loaded, hookpoint, lambda module_input, output: torch.zeros_like(output)):
         yield
+
+
+@torch.no_grad()
+def mlp_neurons(loaded: LoadedModel, hookpoint: Hookpoint, mlp_input: Tensor) -> Tensor:
+    """The MLP's own neurons on `mlp_input` (tokens x d_model, the hookpoint's input): the input of its output
+    projection, e.g. act(gate_proj(x)) * up_proj(x) for a Llama MLP. The baseline dictionary of
+    evaluation.md §3a, once made sparse per token."""
+    if not hookpoint.has_input:
+        raise ValueError(f"hookpoint {hookpoint.name!r}: MLP neurons need an MLP hookpoint, e.g. layers.N.mlp")
+    mlp = loaded.model.get_submodule(hookpoint.module_path)
+    linears = [m for m in mlp.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"hookpoint {hookpoint.name!r}: its MLP has no linear output projection")
+    seen: list[Tensor] = []
+    handle = linears[-1].register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+    try:
+        param = next(mlp.parameters())
+        mlp(mlp_input.to(param.device, param.dtype))
+    finally:
+        handle.remove()
+    return seen[0].float()

@@ -2,12 +2,13 @@
 
 import os
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from bae_core.cache import iter_activation_batches
-from bae_core.train import Trainer
+from bae_core.train import TrainConfig, Trainer
 from ray_jobs.cache_job import run_cache
 from ray_jobs.spec import SpecError, parse_spec
 from ray_jobs.sweep_job import TRIALS_TABLE, run_sweep
@@ -142,3 +143,33 @@ def test_a_multi_worker_trial_trains_with_a_data_parallel_torch_trainer(local_ra
     assert list((tmp_path / "run" / "train").glob(f"trial-{row['trial_id']}/checkpoint_*"))
     trainer = Trainer.load_checkpoint(row["checkpoint"])
     assert trainer.coder.cfg.kind == "skip_transcoder" and trainer.step_count == 20
+
+
+def test_lexical_scores_of_a_coder_and_of_the_mlp_neurons_on_the_real_cache(local_ray, tmp_path, make_spec):
+    from bae_core.config import CoderConfig
+    from bae_core.interp import coder_latent_scores, neuron_baseline_scores
+    from bae_core.lm import load_model
+    from bae_core.metrics import evaluate_coder
+    from bae_core.train import build_coder
+
+    root = tmp_path / "cache"
+    run_cache(parse_spec(make_spec("unused", root, cache={"heldout_tokens": 4096})).cache_request())
+    coder = build_coder(CoderConfig(activation="topk", k=8, expansion_factor=2), 576, seed=0)
+    trainer = Trainer(coder, TrainConfig(log_every=0))
+    trainer.step(next(iter_activation_batches(str(root), "layers.3.mlp", batch_size=512)))  # data-dependent init
+    rows = coder_latent_scores(coder, str(root), "layers.3.mlp", min_examples=5)
+    frame = pd.DataFrame(rows)
+    assert len(frame) == 1152 and frame["latent"].tolist() == list(range(1152))
+    # The same firing counts as the held-out evaluation, which reads the cache by another path.
+    held_out = iter_activation_batches(str(root), "layers.3.mlp", split="heldout", shuffle_seed=None)
+    evaluation = evaluate_coder(coder, held_out)
+    assert evaluation.tokens == 4096 and frame["firing_count"].sum() == 8 * 4096
+    np.testing.assert_allclose(frame["firing_rate"], evaluation.firing_rates, atol=1e-12)
+    eligible = frame[frame["eligible"]]
+    assert len(eligible) > 10 and eligible["token_auroc"].between(0, 1).all()
+    assert frame.loc[~frame["eligible"], "token_auroc"].isna().all()
+
+    loaded = load_model()
+    neurons = pd.DataFrame(neuron_baseline_scores(loaded, str(root), "layers.3.mlp", k=8, min_examples=5))
+    assert len(neurons) == loaded.d_mlp and neurons["firing_count"].sum() == 8 * 4096
+    assert neurons["eligible"].any()

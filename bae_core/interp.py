@@ -1,0 +1,116 @@
+"""Lexical interpretability of a trained coder, and of the model's own MLP neurons as a baseline, on a cache.
+
+    cache split (token ids, document ids, activations, in stored order)
+      -> the coder's codes for every token (a sparse tokens x latents matrix)
+      -> 32-token windows split by document into explain and test (`bae_core.examples`)
+      -> one row per latent: firing count and rate, eligibility, explanation, lexical scores, shuffled control
+
+The baseline dictionary is the MLP's own neurons at the hookpoint, made sparse by keeping each token's k largest
+(evaluation.md §3a), scored the same way.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from bae_core.cache import CacheManifest, iter_activation_batches, open_cache, read_shard, unpack_activations
+from bae_core.coder import SparseCoder
+from bae_core.examples import WINDOW, cut_windows, default_min_examples, per_token_topk, score_latents, window_rows
+
+
+def split_tokens(root: str, hookpoint: str, split: str, manifest: CacheManifest) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, document ids) of a cache split, each (sequences, seq_len), in the order activations are stored."""
+    tokens, docs = [], []
+    for record in manifest.shards_of(split, hookpoint):
+        table = read_shard(root, record, ["token_id", "doc_id"])
+        tokens.append(table.column("token_id").to_numpy())
+        docs.append(table.column("doc_id").to_numpy(zero_copy_only=False))
+    seq_len = manifest.seq_len
+    return np.concatenate(tokens).reshape(-1, seq_len), np.concatenate(docs).reshape(-1, seq_len)
+
+
+@torch.no_grad()
+def coder_activations(
+    coder: SparseCoder, root: str, hookpoint: str, split: str, manifest: CacheManifest, batch_size: int = 4096
+) -> sp.csr_matrix:
+    """The coder's latent values on every token of the split (tokens x latents), in stored order."""
+    coder.eval()
+    parts = []
+    for batch in iter_activation_batches(
+        root,
+        hookpoint,
+        split=split,
+        batch_size=batch_size,
+        transcoder=coder.cfg.is_transcoder,
+        shuffle_seed=None,
+        manifest=manifest,
+    ):
+        x = batch[0] if isinstance(batch, tuple) else batch
+        z = coder.encode(x.to(coder.device, coder.dtype)).to_dense(coder.num_latents)
+        parts.append(sp.csr_matrix(z.float().cpu().numpy()))
+    return sp.vstack(parts, format="csr")
+
+
+def coder_latent_scores(
+    coder: SparseCoder,
+    root: str,
+    hookpoint: str,
+    *,
+    split: str = "heldout",
+    min_examples: int | None = None,
+    test_windows: int = 50,
+    explain_fraction: float = 0.5,
+    seed: int = 0,
+    decode=None,
+) -> list[dict]:
+    """One row per latent of `coder` (see `bae_core.examples.score_latents`), on the cache's `split`."""
+    manifest = open_cache(root)
+    tokens, docs = split_tokens(root, hookpoint, split, manifest)
+    acts = coder_activations(coder, root, hookpoint, split, manifest)
+    return _score(acts, tokens, docs, coder.cfg.is_binary, min_examples, test_windows, explain_fraction, seed, decode)
+
+
+def neuron_baseline_scores(
+    loaded,
+    root: str,
+    hookpoint: str,
+    k: int,
+    *,
+    split: str = "heldout",
+    min_examples: int | None = None,
+    test_windows: int = 50,
+    explain_fraction: float = 0.5,
+    seed: int = 0,
+    decode=None,
+) -> list[dict]:
+    """The same rows for the MLP's own neurons at `hookpoint`, each token keeping its `k` largest."""
+    from bae_core.lm import mlp_neurons, resolve_hookpoints
+
+    (hook,) = resolve_hookpoints(loaded, [hookpoint])
+    manifest = open_cache(root)
+    tokens, docs = split_tokens(root, hookpoint, split, manifest)
+    width = manifest.hookpoints[hookpoint].columns.get("input")
+    if width is None:
+        raise ValueError(f"hookpoint {hookpoint!r}: the neuron baseline needs the MLP's input in the cache")
+    parts = []
+    for record in manifest.shards_of(split, hookpoint):
+        x = unpack_activations(read_shard(root, record, ["input"]).column("input"), manifest.dtype, width)
+        parts.append(per_token_topk(mlp_neurons(loaded, hook, torch.from_numpy(x)).numpy(), k).tocsr())
+    acts = sp.vstack(parts, format="csr")
+    return _score(acts, tokens, docs, False, min_examples, test_windows, explain_fraction, seed, decode)
+
+
+def _score(acts, tokens, docs, binary, min_examples, test_windows, explain_fraction, seed, decode) -> list[dict]:
+    windows = cut_windows(tokens, docs, width=WINDOW, explain_fraction=explain_fraction, seed=seed)
+    rows = window_rows(*tokens.shape, WINDOW)
+    return score_latents(
+        windows,
+        acts[rows].tocsc(),
+        binary=binary,
+        min_examples=min_examples or default_min_examples(tokens.size),
+        test_windows=test_windows,
+        seed=seed,
+        decode=decode,
+    )
