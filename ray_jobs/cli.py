@@ -4,6 +4,7 @@
     bae cache      capture language-model activations into parquet shards with a Ray Data actor pool
     bae train      train one coder on one hookpoint of a cache with Ray Train (data-parallel, resumable)
     bae sweep      run a sweep spec (sweeps/*.yaml) with Ray Tune: grid or Optuna, resumable
+    bae score      the lexical interpretability score of every coder of a sweep, with the neuron baseline
 
 Each subcommand imports what it needs when it runs, so `bae --help` stays fast.
 """
@@ -388,6 +389,50 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def add_score_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "score",
+        help="score every coder of a sweep's run folder for interpretability (lexical judge; Ray tasks)",
+        description="For every finished trial of RUN/trials.parquet, and for the MLP's own neurons at the same k "
+        "(the baseline), explain each latent with token/bigram rules on held-out explain windows and score the "
+        "rules on held-out test windows of other documents: lexical explainability (token/bigram rules), a proxy, "
+        "not an LLM judge. Writes RUN/latents.parquet; running it again scores only what is missing.",
+    )
+    p.add_argument("run", help="a run folder written by `bae sweep`")
+    p.add_argument("--judge", choices=("lexical",), default="lexical", help="the scorer")
+    p.add_argument(
+        "--min-examples",
+        type=int,
+        default=None,
+        help="activating windows a latent needs to be scored (default: 200 per 10M tokens, at least 5)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=run_score_cmd)
+
+
+def run_score_cmd(args: argparse.Namespace) -> int:
+    from ray_jobs.runtime import connect, storage_path
+    from ray_jobs.score_job import LATENTS_TABLE, plan, run_score, summarize
+
+    run = storage_path(args.run)
+    plan(run)  # a missing or empty trials table is reported before Ray starts
+    connect(args.address)
+    start = time.perf_counter()
+
+    def progress(done: int, total: int, coder_id: str) -> None:
+        print(f"  [{done}/{total}] scored {coder_id}", file=sys.stderr, flush=True)
+
+    latents = run_score(run, min_examples=args.min_examples, seed=args.seed, progress=progress)
+    summary = summarize(latents)
+    print("lexical explainability (token/bigram rules): mean token AUROC over eligible latents")
+    print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(
+        f"{len(latents)} latents scored in {time.perf_counter() - start:.0f}s; table: {run.rstrip('/')}/{LATENTS_TABLE}"
+    )
+    return 0
+
+
 def _known_widths(spec) -> dict[str, dict[str, int]] | None:
     """Hookpoint widths for a dry run: from the existing cache, else the model's config; validates names."""
     from bae_core.cache import load_manifest
@@ -425,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_parser(sub)
     add_train_parser(sub)
     add_sweep_parser(sub)
+    add_score_parser(sub)
     return parser
 
 
