@@ -10,6 +10,7 @@ import torch
 from bae_core.cache import iter_activation_batches
 from bae_core.train import TrainConfig, Trainer
 from ray_jobs.cache_job import run_cache
+from ray_jobs.score_job import LATENTS_TABLE, run_score, summarize
 from ray_jobs.spec import SpecError, parse_spec
 from ray_jobs.sweep_job import TRIALS_TABLE, run_sweep
 
@@ -45,6 +46,10 @@ def checkpoint_mtimes(folder) -> dict[str, int]:
         for f in files
         if "checkpoint_" in d
     }
+
+
+def mtimes_of(folder) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
 
 
 def test_grid_sweep_trains_every_combination_and_writes_the_trials_table(local_ray, cache_root, tmp_path, make_spec):
@@ -88,6 +93,28 @@ def test_grid_sweep_trains_every_combination_and_writes_the_trials_table(local_r
     assert len(again) == 4 and all(r.error is None for r in again)
     assert checkpoint_mtimes(tmp_path / "run" / "tune") == before
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "run" / TRIALS_TABLE), trials)
+
+    # `bae score` scores each trial's coder and the MLP-neuron baseline into latents.parquet; again, nothing new.
+    latents = run_score(str(tmp_path / "run"), min_examples=5)
+    assert len(latents) == 4 * 1152 + 1536
+    assert set(latents["coder_id"]) == {f"trial-{t}" for t in trials["trial_id"]} | {"neurons-layers.3.mlp-k8"}
+    assert {"latent", "firing_count", "firing_rate", "eligible", "explanation", "token_auroc", "window_auroc"} <= set(
+        latents.columns
+    )
+    written = pd.read_parquet(tmp_path / "run" / LATENTS_TABLE)
+    columns = ["coder_id", "latent", "firing_count", "eligible", "token_auroc"]
+    pd.testing.assert_frame_equal(written[columns], latents[columns], check_dtype=False)
+    # The baseline keeps exactly k neurons per token; TopK codes fire exactly k latents per token.
+    for coder_id in [
+        "neurons-layers.3.mlp-k8",
+        *(f"trial-{t}" for t in trials.loc[trials["activation"] == "topk", "trial_id"]),
+    ]:
+        assert latents.loc[latents["coder_id"] == coder_id, "firing_count"].sum() == 8 * 512
+    summary = summarize(latents)
+    assert len(summary) == 5 and (summary["alive"] <= summary["latents"]).all()
+    scored = mtimes_of(tmp_path / "run" / "scores")
+    run_score(str(tmp_path / "run"), min_examples=5)
+    assert mtimes_of(tmp_path / "run" / "scores") == scored
 
     # ... and the same folder refuses a sweep with other settings, naming the first difference.
     other = parse_spec(make_spec(tmp_path / "run", cache_root, coder={"expansion_factor": 2, "k": 4}))
