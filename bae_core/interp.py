@@ -11,6 +11,8 @@ The baseline dictionary is the MLP's own neurons at the hookpoint, made sparse b
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -53,64 +55,60 @@ def coder_activations(
     return sp.vstack(parts, format="csr")
 
 
+@dataclass(frozen=True)
+class ExampleOptions:
+    """Which tokens are examples and how latents are scored (see `bae_core.examples.score_latents`)."""
+
+    split: str = "heldout"
+    """Cache split to read; the held-out split is document-disjoint from the coders' training."""
+    min_examples: int | None = None
+    """Activating windows a latent needs to be scored (None: `default_min_examples` of the split's tokens)."""
+    test_windows: int = 50
+    """At most this many activating test windows per latent, and as many non-activating ones."""
+    explain_fraction: float = 0.5
+    """Fraction of the split's documents whose windows explain; the others test."""
+    seed: int = 0
+
+
 def coder_latent_scores(
-    coder: SparseCoder,
-    root: str,
-    hookpoint: str,
-    *,
-    split: str = "heldout",
-    min_examples: int | None = None,
-    test_windows: int = 50,
-    explain_fraction: float = 0.5,
-    seed: int = 0,
-    decode=None,
+    coder: SparseCoder, root: str, hookpoint: str, options: ExampleOptions = ExampleOptions(), *, decode=None
 ) -> list[dict]:
-    """One row per latent of `coder` (see `bae_core.examples.score_latents`), on the cache's `split`."""
+    """One row per latent of `coder` (see `bae_core.examples.score_latents`), on the cache's `options.split`."""
     manifest = open_cache(root)
-    tokens, docs = split_tokens(root, hookpoint, split, manifest)
-    acts = coder_activations(coder, root, hookpoint, split, manifest)
-    return _score(acts, tokens, docs, coder.cfg.is_binary, min_examples, test_windows, explain_fraction, seed, decode)
+    tokens, docs = split_tokens(root, hookpoint, options.split, manifest)
+    acts = coder_activations(coder, root, hookpoint, options.split, manifest)
+    return _score(acts, tokens, docs, coder.cfg.is_binary, options, decode)
 
 
 def neuron_baseline_scores(
-    loaded,
-    root: str,
-    hookpoint: str,
-    k: int,
-    *,
-    split: str = "heldout",
-    min_examples: int | None = None,
-    test_windows: int = 50,
-    explain_fraction: float = 0.5,
-    seed: int = 0,
-    decode=None,
+    loaded, root: str, hookpoint: str, k: int, options: ExampleOptions = ExampleOptions(), *, decode=None
 ) -> list[dict]:
     """The same rows for the MLP's own neurons at `hookpoint`, each token keeping its `k` largest."""
     from bae_core.lm import mlp_neurons, resolve_hookpoints
 
     (hook,) = resolve_hookpoints(loaded, [hookpoint])
     manifest = open_cache(root)
-    tokens, docs = split_tokens(root, hookpoint, split, manifest)
+    tokens, docs = split_tokens(root, hookpoint, options.split, manifest)
     width = manifest.hookpoints[hookpoint].columns.get("input")
     if width is None:
         raise ValueError(f"hookpoint {hookpoint!r}: the neuron baseline needs the MLP's input in the cache")
     parts = []
-    for record in manifest.shards_of(split, hookpoint):
+    for record in manifest.shards_of(options.split, hookpoint):
         x = unpack_activations(read_shard(root, record, ["input"]).column("input"), manifest.dtype, width)
         parts.append(per_token_topk(mlp_neurons(loaded, hook, torch.from_numpy(x)).numpy(), k).tocsr())
     acts = sp.vstack(parts, format="csr")
-    return _score(acts, tokens, docs, False, min_examples, test_windows, explain_fraction, seed, decode)
+    return _score(acts, tokens, docs, False, options, decode)
 
 
-def _score(acts, tokens, docs, binary, min_examples, test_windows, explain_fraction, seed, decode) -> list[dict]:
-    windows = cut_windows(tokens, docs, width=WINDOW, explain_fraction=explain_fraction, seed=seed)
+def _score(acts, tokens, docs, binary: bool, options: ExampleOptions, decode) -> list[dict]:
+    windows = cut_windows(tokens, docs, width=WINDOW, explain_fraction=options.explain_fraction, seed=options.seed)
     rows = window_rows(*tokens.shape, WINDOW)
     return score_latents(
         windows,
         acts[rows].tocsc(),
         binary=binary,
-        min_examples=min_examples or default_min_examples(tokens.size),
-        test_windows=test_windows,
-        seed=seed,
+        min_examples=options.min_examples or default_min_examples(tokens.size),
+        test_windows=options.test_windows,
+        seed=options.seed,
         decode=decode,
     )

@@ -62,19 +62,19 @@ def score_task(task: ScoreTask, run_dir: str, min_examples: int | None, seed: in
 
     from bae_core.cache import open_cache
     from bae_core.coder import SparseCoder
-    from bae_core.interp import coder_latent_scores, neuron_baseline_scores
+    from bae_core.interp import ExampleOptions, coder_latent_scores, neuron_baseline_scores
     from bae_core.lm import EMBEDDED_MODEL, load_model
 
     manifest = open_cache(task.cache)
     loaded = load_model(manifest.model, revision=None if manifest.model == EMBEDDED_MODEL else manifest.revision)
     decode = loaded.tokenizer.decode
-    options = {"min_examples": min_examples, "seed": seed, "decode": decode}
+    options = ExampleOptions(min_examples=min_examples, seed=seed)
     if task.checkpoint is None:
-        rows = neuron_baseline_scores(loaded, task.cache, task.hookpoint, task.k, **options)
+        rows = neuron_baseline_scores(loaded, task.cache, task.hookpoint, task.k, options, decode=decode)
         dictionary = "mlp_neurons"
     else:
         coder = SparseCoder.load(task.checkpoint)
-        rows = coder_latent_scores(coder, task.cache, task.hookpoint, **options)
+        rows = coder_latent_scores(coder, task.cache, task.hookpoint, options, decode=decode)
         dictionary = f"{coder.cfg.activation} {coder.cfg.kind}"
     frame = pd.DataFrame(rows)
     frame.insert(0, "coder_id", task.coder_id)

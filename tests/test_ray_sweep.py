@@ -174,7 +174,7 @@ def test_a_multi_worker_trial_trains_with_a_data_parallel_torch_trainer(local_ra
 
 def test_lexical_scores_of_a_coder_and_of_the_mlp_neurons_on_the_real_cache(local_ray, tmp_path, make_spec):
     from bae_core.config import CoderConfig
-    from bae_core.interp import coder_latent_scores, neuron_baseline_scores
+    from bae_core.interp import ExampleOptions, coder_latent_scores, neuron_baseline_scores
     from bae_core.lm import load_model
     from bae_core.metrics import evaluate_coder
     from bae_core.train import build_coder
@@ -184,7 +184,7 @@ def test_lexical_scores_of_a_coder_and_of_the_mlp_neurons_on_the_real_cache(loca
     coder = build_coder(CoderConfig(activation="topk", k=8, expansion_factor=2), 576, seed=0)
     trainer = Trainer(coder, TrainConfig(log_every=0))
     trainer.step(next(iter_activation_batches(str(root), "layers.3.mlp", batch_size=512)))  # data-dependent init
-    rows = coder_latent_scores(coder, str(root), "layers.3.mlp", min_examples=5)
+    rows = coder_latent_scores(coder, str(root), "layers.3.mlp", ExampleOptions(min_examples=5))
     frame = pd.DataFrame(rows)
     assert len(frame) == 1152 and frame["latent"].tolist() == list(range(1152))
     # The same firing counts as the held-out evaluation, which reads the cache by another path.
@@ -197,6 +197,6 @@ def test_lexical_scores_of_a_coder_and_of_the_mlp_neurons_on_the_real_cache(loca
     assert frame.loc[~frame["eligible"], "token_auroc"].isna().all()
 
     loaded = load_model()
-    neurons = pd.DataFrame(neuron_baseline_scores(loaded, str(root), "layers.3.mlp", k=8, min_examples=5))
+    neurons = pd.DataFrame(neuron_baseline_scores(loaded, str(root), "layers.3.mlp", 8, ExampleOptions(min_examples=5)))
     assert len(neurons) == loaded.d_mlp and neurons["firing_count"].sum() == 8 * 4096
     assert neurons["eligible"].any()
