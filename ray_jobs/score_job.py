@@ -11,11 +11,10 @@ Running it again scores only the coders without a file under RUN/scores/, then r
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
-from bae_core.cache import open_filesystem, write_bytes_atomic
-from ray_jobs.sweep_job import TRIALS_TABLE
+from bae_core.cache import open_filesystem
+from ray_jobs.sweep_job import TRIALS_TABLE, write_parquet_atomic
 
 LATENTS_TABLE = "latents.parquet"
 SCORES_DIR = "scores"
@@ -82,7 +81,7 @@ def score_task(task: ScoreTask, run_dir: str, min_examples: int | None, seed: in
     frame.insert(2, "hookpoint", task.hookpoint)
     frame.insert(3, "dictionary", dictionary)
     frame.insert(4, "k", task.k)
-    _write_parquet(run_dir, f"{SCORES_DIR}/{task.coder_id}.parquet", frame)
+    write_parquet_atomic(run_dir, f"{SCORES_DIR}/{task.coder_id}.parquet", frame)
     return len(frame)
 
 
@@ -109,7 +108,7 @@ def run_score(run_dir: str, *, min_examples: int | None = None, seed: int = 0, p
         with fs.open_input_file(f"{base}/{SCORES_DIR}/{t.coder_id}.parquet") as f:
             frames.append(pd.read_parquet(f))
     latents = pd.concat(frames, ignore_index=True)
-    _write_parquet(run_dir, LATENTS_TABLE, latents)
+    write_parquet_atomic(run_dir, LATENTS_TABLE, latents)
     return latents
 
 
@@ -141,10 +140,3 @@ def summarize(latents):
             }
         )
     return pd.DataFrame(rows)
-
-
-def _write_parquet(run_dir: str, name: str, frame) -> None:
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    fs, base = open_filesystem(run_dir)
-    write_bytes_atomic(fs, f"{base}/{name}", buffer.getvalue())

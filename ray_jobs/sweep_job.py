@@ -319,10 +319,15 @@ def write_trials_table(run_dir: str, rows: list[dict[str, Any]]) -> None:
     import pandas as pd
 
     frame = pd.DataFrame(rows).sort_values("trial_id", kind="stable").reset_index(drop=True)
+    write_parquet_atomic(run_dir, TRIALS_TABLE, frame)
+
+
+def write_parquet_atomic(run_dir: str, name: str, frame) -> None:
+    """A DataFrame as RUN/name in parquet, written atomically, so a reader never sees a partial table."""
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
     fs, base = open_filesystem(run_dir)
-    write_bytes_atomic(fs, f"{base}/{TRIALS_TABLE}", buffer.getvalue())
+    write_bytes_atomic(fs, f"{base}/{name}", buffer.getvalue())
 
 
 def code_version() -> str:
