@@ -465,12 +465,16 @@ def _replaced_output(
 
 
 @contextmanager
-def splice(loaded: LoadedModel, hookpoint: Hookpoint, coder: SparseCoder) -> Iterator[None]:
+def splice(
+    loaded: LoadedModel, hookpoint: Hookpoint, coder: SparseCoder, *, ablate: Tensor | None = None
+) -> Iterator[None]:
     """While active, the module at `hookpoint` outputs the coder's reconstruction instead of its own output.
 
     An SAE reconstructs the module's output (`coder(output)`); a transcoder or skip transcoder on an MLP
     hookpoint predicts it from the MLP's input (`coder(input, output)`). The coder runs in eval mode (restored
-    on exit), in its own dtype and device; the result is cast back to the model's.
+    on exit), in its own dtype and device; the result is cast back to the model's. `ablate`, a boolean mask over
+    the coder's latents, zeroes those latents in the code before decoding (ablation inside the spliced coder,
+    evaluation.md §5); a skip transcoder keeps its skip term.
     """
     kind = coder.cfg.kind
     if coder.cfg.is_transcoder:
@@ -491,11 +495,21 @@ def splice(loaded: LoadedModel, hookpoint: Hookpoint, coder: SparseCoder) -> Ite
     def to_coder(t: Tensor) -> Tensor:
         return t.reshape(-1, t.shape[-1]).to(device=coder.device, dtype=coder.dtype)
 
+    if ablate is not None:
+        ablate = torch.as_tensor(ablate, dtype=torch.bool, device=coder.device)
+        if ablate.shape != (coder.num_latents,):
+            raise ValueError(
+                f"ablate: need a boolean mask over the coder's {coder.num_latents} latents, got shape "
+                f"{tuple(ablate.shape)}"
+            )
+
     def reconstruct(module_input: Tensor | None, output: Tensor) -> Tensor:
-        if coder.cfg.is_transcoder:
-            y_hat = coder(to_coder(module_input), to_coder(output)).output
-        else:
-            y_hat = coder(to_coder(output)).output
+        x = to_coder(module_input if coder.cfg.is_transcoder else output)
+        code = coder.encode(x)
+        if ablate is not None:
+            keep = ~(ablate[code.indices] if code.indices is not None else ablate)
+            code = code._replace(values=code.values * keep.to(code.values.dtype))
+        y_hat = coder.decode(code, x)
         return y_hat.reshape(output.shape).to(device=output.device, dtype=output.dtype)
 
     # Training mode would sample (binary_groupmax) or move the batch threshold (batchtopk).
