@@ -146,10 +146,12 @@ def score_latents(
         if sets is None:
             row.update(_NOT_SCORED)
         else:
-            explain_idx, test_idx = sets
+            explain_idx, test_idx, deciles = sets
             explain = (windows.tokens[explain_idx], windows.prev[explain_idx], fires[explain_idx])
             test = (windows.tokens[test_idx], windows.prev[test_idx], fires[test_idx])
-            score = score_latent(explain, test, decode=decode)
+            score = score_latent(
+                explain, test, decode=decode, groups=deciles, num_groups=DECILES if deciles is not None else 0
+            )
             control = score_latent(shuffled_windows(explain, rng), shuffled_windows(test, rng))
             row.update(
                 explanation=score.explanation,
@@ -161,6 +163,7 @@ def score_latents(
                 shuffled_token_auroc=control.token_auroc,
                 shuffled_window_auroc=control.window_auroc,
                 test_activating_windows=int(len(test_idx) // 2),
+                decile_token_auroc=list(score.group_token_auroc) if deciles is not None else None,
             )
         row["score_label"] = LABEL
         rows.append(row)
@@ -177,11 +180,14 @@ _NOT_SCORED = {
     "shuffled_token_auroc": math.nan,
     "shuffled_window_auroc": math.nan,
     "test_activating_windows": 0,
+    "decile_token_auroc": None,
 }
 
 
 def _example_sets(windows, values, active, binary, min_examples, test_windows, rng):
-    """(explain window indices, test window indices) for one latent, or None when it is not eligible."""
+    """(explain window indices, test window indices, decile of each test window or None) for one latent, or None
+    when it is not eligible. Deciles (0 = lowest window-max activation, -1 for non-activating windows) exist for
+    continuous latents with at least `DECILES` activating test windows."""
     side = windows.explain
     explain_on, explain_off = np.flatnonzero(active & side), np.flatnonzero(~active & side)
     test_on, test_off = np.flatnonzero(active & ~side), np.flatnonzero(~active & ~side)
@@ -194,11 +200,13 @@ def _example_sets(windows, values, active, binary, min_examples, test_windows, r
     n_test = min(test_windows, len(test_on), len(test_off))
     if binary or n_test < DECILES:
         on = rng.choice(test_on, n_test, replace=False)
+        deciles = None
     else:
         # Evenly across deciles of the window's maximum activation, low to high.
         ranked = test_on[np.argsort(np.abs(values[test_on]).max(axis=1), kind="stable")]
         buckets = np.array_split(ranked, DECILES)
         share = np.array_split(np.arange(n_test), DECILES)
         on = np.concatenate([rng.choice(b, len(s), replace=False) for b, s in zip(buckets, share, strict=True)])
+        deciles = np.concatenate([np.full(len(s), d) for d, s in enumerate(share)] + [np.full(len(on), -1)])
     test_idx = np.concatenate([on, rng.choice(test_off, len(on), replace=False)])
-    return explain_idx, test_idx
+    return explain_idx, test_idx, deciles

@@ -20,7 +20,7 @@ each position, -1 where there is none) and `fires` (bool, the latent is non-zero
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 from scipy.stats import mannwhitneyu
@@ -143,9 +143,13 @@ class LexicalScore:
     rules: int
     explanation: str
     label: str = LABEL
+    group_token_auroc: tuple[float, ...] = ()
+    """Token AUROC of each group of activating test windows (e.g. activation deciles) against all the
+    non-activating ones, when `score_latent` was given groups."""
+    rule_list: tuple[Rule, ...] = field(default=(), repr=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "rule_list"}
 
 
 def score_latent(
@@ -153,11 +157,15 @@ def score_latent(
     test_windows: tuple[np.ndarray, np.ndarray, np.ndarray],
     *,
     decode=None,
+    groups: np.ndarray | None = None,
+    num_groups: int = 0,
 ) -> LexicalScore:
     """Explain on `explain_windows`, score on `test_windows` (each `(tokens, prev, fires)`, windows x width).
 
     A test window is activating when the latent fires anywhere in it. `decode` (token ids -> text) only
     renders the explanation. Always answering "fires" scores window F1 = 2/3 on a balanced test set.
+    `groups` (one int per test window, 0..num_groups-1 for activating windows, -1 for the others) adds the
+    token AUROC of each group's activating windows against every non-activating window.
     """
     rules = explain(*explain_windows)
     tokens, prev, fires = (np.asarray(a) for a in test_windows)
@@ -170,6 +178,14 @@ def score_latent(
     fp = int((predicted & ~window_fires).sum())
     fn = int((~predicted & window_fires).sum())
     tn = int((~predicted & ~window_fires).sum())
+    group_auroc = ()
+    if groups is not None:
+        groups = np.asarray(groups)
+        off = ~window_fires
+        group_auroc = tuple(
+            auroc(scores[(groups == g) | off], fires[(groups == g) | off]) if (groups == g).any() else float("nan")
+            for g in range(num_groups)
+        )
     recall = tp / (tp + fn) if tp + fn else float("nan")
     specificity = tn / (tn + fp) if tn + fp else float("nan")
     return LexicalScore(
@@ -179,6 +195,8 @@ def score_latent(
         window_f1=2 * tp / (2 * tp + fp + fn) if tp else 0.0,
         rules=len(rules),
         explanation="; ".join(rule.render(decode) for rule in rules) or "(no rule)",
+        group_token_auroc=group_auroc,
+        rule_list=tuple(rules),
     )
 
 

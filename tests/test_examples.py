@@ -82,3 +82,23 @@ def test_planted_random_rare_and_continuous_latents_score_as_they_should():
 def test_min_examples_scales_with_the_cache_as_delphi_does():
     assert default_min_examples(10_000_000) == 200 and default_min_examples(100_000_000) == 2000
     assert default_min_examples(32_768) == 5
+
+
+def test_decile_scores_show_a_latent_that_is_lexical_only_at_high_activations():
+    tokens, doc_ids = packed_sequences(sequences=240)
+    w = cut_windows(tokens, doc_ids)
+    rng = np.random.default_rng(1)
+    flat = w.tokens.reshape(-1)
+    trigger = (flat == 15).astype(np.float32) * rng.uniform(3.0, 5.0, size=flat.shape).astype(np.float32)
+    # Weak firing at random on other tokens: the windows with only that are the latent's lowest deciles.
+    weak = ((rng.random(flat.shape) < 0.01) & (flat != 15)).astype(np.float32) * 0.1
+    acts = sp.csc_matrix((trigger + weak)[:, None])
+    (row,) = score_latents(w, acts, binary=False, min_examples=10, test_windows=100, seed=0)
+    deciles = row["decile_token_auroc"]
+    assert len(deciles) == 10
+    assert np.mean(deciles[-3:]) > 0.9  # high activations: the trigger token explains it
+    assert np.mean(deciles[:3]) < 0.7  # low activations: random tokens the rules do not cover
+    (binary_row,) = score_latents(
+        w, sp.csc_matrix((trigger > 0).astype(np.float32)[:, None]), binary=True, min_examples=10
+    )
+    assert binary_row["decile_token_auroc"] is None  # one activation level: no deciles
