@@ -117,23 +117,16 @@ def score_latents(
     `activations` is (windows x width, latents), row-aligned with `windows` (see `window_rows`); a latent fires
     where its value is non-zero. `latents` restricts the rows to those latent indices.
     """
-    acts = sp.csc_matrix(activations)
-    n_windows, width = windows.tokens.shape
-    if acts.shape[0] != n_windows * width:
-        raise ValueError(
-            f"activations: {acts.shape[0]} rows, but the windows hold {n_windows} x {width} = "
-            f"{n_windows * width} tokens"
-        )
-    if min_examples < 1 or test_windows < 1:
-        raise ValueError(f"min_examples, test_windows: must be >= 1, got {min_examples} and {test_windows}")
-    rng = np.random.default_rng(seed)
     rows = []
-    for latent in range(acts.shape[1]) if latents is None else latents:
-        column = acts[:, int(latent)]
-        values = np.zeros(n_windows * width, dtype=np.float32)
-        values[column.indices] = column.data
-        values = values.reshape(n_windows, width)
-        fires = values != 0
+    for latent, _values, fires, sets, rng in example_sets(
+        windows,
+        activations,
+        binary=binary,
+        min_examples=min_examples,
+        test_windows=test_windows,
+        seed=seed,
+        latents=latents,
+    ):
         active = fires.any(axis=1)
         row = {
             "latent": int(latent),
@@ -141,7 +134,6 @@ def score_latents(
             "firing_rate": float(fires.mean()),
             "activating_windows": int(active.sum()),
         }
-        sets = _example_sets(windows, values, active, binary, min_examples, test_windows, rng)
         row["eligible"] = sets is not None
         if sets is None:
             row.update(_NOT_SCORED)
@@ -168,6 +160,40 @@ def score_latents(
         row["score_label"] = LABEL
         rows.append(row)
     return rows
+
+
+def example_sets(
+    windows: Windows,
+    activations: sp.spmatrix,
+    *,
+    binary: bool,
+    min_examples: int,
+    test_windows: int = 50,
+    seed: int = 0,
+    latents: np.ndarray | None = None,
+):
+    """For each latent: (latent, values, fires, sets, rng) with `values` and `fires` (windows x width) and
+    `sets` = (explain window indices, test window indices, decile of each test window or None), or None when the
+    latent is not eligible. Each latent draws from its own generator, seeded by (seed, latent), so its examples do
+    not depend on which other latents are scored; `rng` is that generator, for further draws."""
+    acts = sp.csc_matrix(activations)
+    n_windows, width = windows.tokens.shape
+    if acts.shape[0] != n_windows * width:
+        raise ValueError(
+            f"activations: {acts.shape[0]} rows, but the windows hold {n_windows} x {width} = "
+            f"{n_windows * width} tokens"
+        )
+    if min_examples < 1 or test_windows < 1:
+        raise ValueError(f"min_examples, test_windows: must be >= 1, got {min_examples} and {test_windows}")
+    for latent in range(acts.shape[1]) if latents is None else latents:
+        column = acts[:, int(latent)]
+        values = np.zeros(n_windows * width, dtype=np.float32)
+        values[column.indices] = column.data
+        values = values.reshape(n_windows, width)
+        fires = values != 0
+        rng = np.random.default_rng([seed, int(latent)])
+        sets = _example_sets(windows, values, fires.any(axis=1), binary, min_examples, test_windows, rng)
+        yield int(latent), values, fires, sets, rng
 
 
 _NOT_SCORED = {

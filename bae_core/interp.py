@@ -84,28 +84,110 @@ def neuron_baseline_scores(
     loaded, root: str, hookpoint: str, k: int, options: ExampleOptions = ExampleOptions(), *, decode=None
 ) -> list[dict]:
     """The same rows for the MLP's own neurons at `hookpoint`, each token keeping its `k` largest."""
+    manifest = open_cache(root)
+    tokens, docs = split_tokens(root, hookpoint, options.split, manifest)
+    acts = neuron_activations(loaded, root, hookpoint, k, options.split, manifest)
+    return _score(acts, tokens, docs, False, options, decode)
+
+
+def neuron_activations(loaded, root: str, hookpoint: str, k: int, split: str, manifest: CacheManifest) -> sp.csr_matrix:
+    """The MLP's own neurons at `hookpoint` on every token of the split, each token keeping its `k` largest."""
     from bae_core.lm import mlp_neurons, resolve_hookpoints
 
     (hook,) = resolve_hookpoints(loaded, [hookpoint])
-    manifest = open_cache(root)
-    tokens, docs = split_tokens(root, hookpoint, options.split, manifest)
     width = manifest.hookpoints[hookpoint].columns.get("input")
     if width is None:
         raise ValueError(f"hookpoint {hookpoint!r}: the neuron baseline needs the MLP's input in the cache")
     parts = []
-    for record in manifest.shards_of(options.split, hookpoint):
+    for record in manifest.shards_of(split, hookpoint):
         x = unpack_activations(read_shard(root, record, ["input"]).column("input"), manifest.dtype, width)
         parts.append(per_token_topk(mlp_neurons(loaded, hook, torch.from_numpy(x)).numpy(), k).tocsr())
-    acts = sp.vstack(parts, format="csr")
-    return _score(acts, tokens, docs, False, options, decode)
+    return sp.vstack(parts, format="csr")
 
 
-def _score(acts, tokens, docs, binary: bool, options: ExampleOptions, decode) -> list[dict]:
+def llm_examples(
+    loaded,
+    coder: SparseCoder | None,
+    root: str,
+    hookpoint: str,
+    k: int,
+    options: ExampleOptions,
+    latents: np.ndarray,
+) -> dict:
+    """The LLM judge's examples (`bae_core.judge.LatentExamples`) of the eligible ones among `latents`: a
+    coder's, or (`coder` None) the MLP neurons' at top-`k`. The windows are drawn exactly as the lexical score
+    draws them (same options and seed): the activating explain windows, and the test windows."""
+    from bae_core.examples import example_sets
+    from bae_core.judge import LatentExamples
+
+    manifest = open_cache(root)
+    tokens, docs = split_tokens(root, hookpoint, options.split, manifest)
+    if coder is None:
+        acts = neuron_activations(loaded, root, hookpoint, k, options.split, manifest)
+    else:
+        acts = coder_activations(coder, root, hookpoint, options.split, manifest)
+    windows = cut_windows(tokens, docs, width=WINDOW, explain_fraction=options.explain_fraction, seed=options.seed)
+    rows = window_rows(*tokens.shape, WINDOW)
+    text: dict[int, str] = {}
+
+    def strings(ids: np.ndarray) -> list[str]:
+        for t in ids.tolist():
+            if t not in text:
+                text[t] = loaded.tokenizer.decode([t])
+        return [text[t] for t in ids.tolist()]
+
+    out = {}
+    for latent, _values, fires, sets, _rng in example_sets(
+        windows,
+        acts[rows].tocsc(),
+        binary=coder is not None and coder.cfg.is_binary,
+        min_examples=options.min_examples or default_min_examples(tokens.size),
+        test_windows=options.test_windows,
+        seed=options.seed,
+        latents=latents,
+    ):
+        if sets is None:
+            continue
+        explain_idx, test_idx, _ = sets
+        explain = [(strings(windows.tokens[i]), fires[i].tolist()) for i in explain_idx if fires[i].any()]
+        test = [(strings(windows.tokens[i]), fires[i].tolist(), bool(fires[i].any())) for i in test_idx]
+        out[latent] = LatentExamples(explain=explain, test=test)
+    return out
+
+
+def lexical_summary(
+    coder: SparseCoder, root: str, hookpoint: str, options: ExampleOptions = ExampleOptions(), *, max_latents: int
+) -> dict[str, float | int]:
+    """A sweep trial's lexical metrics, from at most `max_latents` latents drawn (seeded) among those that fire
+    on the split: `lexical_auroc` (unweighted mean token AUROC of the eligible ones), `lexical_auroc_weighted`
+    (weighted by firing count), `lexical_coverage` (eligible / drawn) and `lexical_latents` (drawn)."""
+    if max_latents < 1:
+        raise ValueError(f"max_latents: must be >= 1, got {max_latents}")
+    manifest = open_cache(root)
+    tokens, docs = split_tokens(root, hookpoint, options.split, manifest)
+    acts = coder_activations(coder, root, hookpoint, options.split, manifest)
+    alive = np.flatnonzero(acts.getnnz(axis=0) > 0)
+    rng = np.random.default_rng(options.seed)
+    drawn = np.sort(rng.choice(alive, min(max_latents, len(alive)), replace=False))
+    rows = _score(acts, tokens, docs, coder.cfg.is_binary, options, None, latents=drawn)
+    scored = [r for r in rows if r["eligible"]]
+    counts = np.array([r["firing_count"] for r in scored], dtype=float)
+    scores = np.array([r["token_auroc"] for r in scored], dtype=float)
+    return {
+        "lexical_auroc": float(scores.mean()) if len(scored) else float("nan"),
+        "lexical_auroc_weighted": float((scores * counts).sum() / counts.sum()) if len(scored) else float("nan"),
+        "lexical_coverage": len(scored) / len(drawn) if len(drawn) else float("nan"),
+        "lexical_latents": len(drawn),
+    }
+
+
+def _score(acts, tokens, docs, binary: bool, options: ExampleOptions, decode, latents=None) -> list[dict]:
     windows = cut_windows(tokens, docs, width=WINDOW, explain_fraction=options.explain_fraction, seed=options.seed)
     rows = window_rows(*tokens.shape, WINDOW)
     return score_latents(
         windows,
         acts[rows].tocsc(),
+        latents=latents,
         binary=binary,
         min_examples=options.min_examples or default_min_examples(tokens.size),
         test_windows=options.test_windows,

@@ -16,6 +16,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 from bae_core.config import ACTIVATIONS, KINDS
 
@@ -392,45 +393,139 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
 def add_score_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "score",
-        help="score every coder of a sweep's run folder for interpretability (lexical judge; Ray tasks)",
+        help="fidelity, density and interpretability of every coder of a sweep's run folder (Ray tasks)",
         description="For every finished trial of RUN/trials.parquet, and for the MLP's own neurons at the same k "
-        "(the baseline), explain each latent with token/bigram rules on held-out explain windows and score the "
-        "rules on held-out test windows of other documents: lexical explainability (token/bigram rules), a proxy, "
-        "not an LLM judge. Writes RUN/latents.parquet; running it again scores only what is missing.",
+        "(the baseline): explain each latent on held-out explain windows and score the explanation on held-out "
+        "test windows of other documents; splice each coder into the model for its CE increase, KL, top-1 drop "
+        "and loss recovered; ablate bins of latents by score. The default judge is lexical explainability "
+        "(token/bigram rules), a proxy that needs no LLM; --judge llm adds an OpenAI-compatible LLM judge. "
+        "Writes RUN/latents.parquet, coders.parquet, ablation.parquet and density.parquet; running it again does "
+        "only what is missing. Defaults come from the sweep spec's `scoring` section.",
     )
     p.add_argument("run", help="a run folder written by `bae sweep`")
-    p.add_argument("--judge", choices=("lexical",), default="lexical", help="the scorer")
+    p.add_argument("--judge", choices=JUDGE_CHOICES, default="lexical", help="lexical (default), or llm as well")
     p.add_argument(
         "--min-examples",
         type=int,
         default=None,
         help="activating windows a latent needs to be scored (default: 200 per 10M tokens, at least 5)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-windows", type=int, default=None, help="activating test windows per latent (50)")
+    p.add_argument("--fidelity-tokens", type=int, default=None, help="held-out tokens for the spliced CE (16384)")
+    p.add_argument("--ablation-bins", type=int, default=None, help="bins of the ablation by score; 0 skips it (5)")
+    p.add_argument("--seed", type=int, default=None)
+    llm = p.add_argument_group("LLM judge (--judge llm), any OpenAI-compatible chat-completions server")
+    llm.add_argument(
+        "--llm-base-url", default=None, help="e.g. http://127.0.0.1:8080/v1 (default: $BAE_JUDGE_BASE_URL)"
+    )
+    llm.add_argument("--llm-model", default=None, help="model name (default: $BAE_JUDGE_MODEL)")
+    llm.add_argument(
+        "--llm-api-key-env",
+        default="OPENAI_API_KEY",
+        help="name of the environment variable that holds the API key (read, never logged or written)",
+    )
+    llm.add_argument("--llm-latents", type=int, default=50, help="eligible latents per dictionary to judge (50)")
+    llm.add_argument("--llm-concurrency", type=int, default=8, help="requests in flight at once (8)")
+    llm.add_argument("--llm-timeout", type=float, default=60.0, help="seconds per request (60)")
+    llm.add_argument("--llm-retries", type=int, default=3, help="retries of a failed request, with backoff (3)")
+    llm.add_argument(
+        "--llm-cache",
+        default=None,
+        help="folder of the on-disk response cache (default: RUN/llm/cache for a local run folder)",
+    )
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     p.set_defaults(func=run_score_cmd)
 
 
+JUDGE_CHOICES = ("lexical", "llm")
+
+
+def _judge_config(args: argparse.Namespace, run: str):
+    from bae_core.judge import JudgeConfig
+
+    cache = args.llm_cache
+    if cache is None and "://" not in run:
+        cache = str(Path(run) / "llm" / "cache")
+    overrides = {k: v for k, v in (("base_url", args.llm_base_url), ("model", args.llm_model)) if v}
+    return JudgeConfig.from_env(
+        **overrides,
+        api_key_env=args.llm_api_key_env,
+        concurrency=args.llm_concurrency,
+        timeout_s=args.llm_timeout,
+        max_retries=args.llm_retries,
+        cache_dir=cache,
+    )
+
+
 def run_score_cmd(args: argparse.Namespace) -> int:
     from ray_jobs.runtime import connect, storage_path
-    from ray_jobs.score_job import LATENTS_TABLE, plan, run_score, summarize
+    from ray_jobs.score_job import CODERS_TABLE, LATENTS_TABLE, ScoreOptions, plan, run_score
 
     run = storage_path(args.run)
-    plan(run)  # a missing or empty trials table is reported before Ray starts
+    tasks = plan(run)  # a missing or empty trials table is reported before Ray starts
+    options = ScoreOptions.from_run(
+        run,
+        min_examples=args.min_examples,
+        test_windows=args.test_windows,
+        fidelity_tokens=args.fidelity_tokens,
+        ablation_bins=args.ablation_bins,
+        seed=args.seed,
+        judge=args.judge,
+        llm=_judge_config(args, run) if args.judge == "llm" else None,
+        llm_latents=args.llm_latents if args.judge == "llm" else None,
+    )
     connect(args.address)
     start = time.perf_counter()
+    print(f"scoring {len(tasks)} dictionaries of {run}", file=sys.stderr, flush=True)
 
-    def progress(done: int, total: int, coder_id: str) -> None:
-        print(f"  [{done}/{total}] scored {coder_id}", file=sys.stderr, flush=True)
+    def progress(done: int, total: int, what: str) -> None:
+        print(f"  [{done}/{total}] {what} ({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
 
-    latents = run_score(run, min_examples=args.min_examples, seed=args.seed, progress=progress)
-    summary = summarize(latents)
-    print("lexical explainability (token/bigram rules): mean token AUROC over eligible latents")
-    print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    latents = run_score(run, options, progress=progress)
+    import pandas as pd
+
+    fs_path = f"{run.rstrip('/')}/{CODERS_TABLE}"
+    from bae_core.cache import open_filesystem
+
+    fs, base = open_filesystem(run)
+    with fs.open_input_file(f"{base}/{CODERS_TABLE}") as f:
+        coders = pd.read_parquet(f)
+    print(format_coders(coders))
     print(
-        f"{len(latents)} latents scored in {time.perf_counter() - start:.0f}s; table: {run.rstrip('/')}/{LATENTS_TABLE}"
+        f"{len(latents)} latents of {len(coders)} dictionaries scored in {time.perf_counter() - start:.0f}s; "
+        f"tables: {run.rstrip('/')}/{LATENTS_TABLE}, {fs_path}"
     )
     return 0
+
+
+def format_coders(coders) -> str:
+    """The per-dictionary summary `bae score` prints."""
+    from bae_core.lexical import LABEL
+
+    columns = [
+        ("dictionary", "dictionary"),
+        ("k", "k"),
+        ("hookpoint", "hookpoint"),
+        ("ce_increase", "CE+"),
+        ("loss_recovered", "recovered"),
+        ("kl", "KL"),
+        ("dead_fraction", "dead"),
+        ("frequent_fraction", ">1%"),
+        ("dense_fraction", ">10%"),
+        ("coverage", "coverage"),
+        ("token_auroc", "AUROC"),
+        ("token_auroc_weighted", "AUROC(freq)"),
+        ("shuffled_token_auroc", "shuffled"),
+        ("detection_balanced_accuracy", "LLM det"),
+        ("fuzzing_balanced_accuracy", "LLM fuzz"),
+        ("llm_failed_fraction", "LLM failed"),
+    ]
+    present = [(c, h) for c, h in columns if c in coders.columns]
+    table = coders[[c for c, _ in present]].rename(columns=dict(present))
+    return (
+        f"AUROC: {LABEL}, mean token AUROC over eligible latents (0.5 = chance); CE+: spliced CE increase (nats)\n"
+        + table.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-")
+    )
 
 
 def _known_widths(spec) -> dict[str, dict[str, int]] | None:

@@ -1,23 +1,44 @@
-"""`bae score RUN`: the lexical interpretability score of every trained coder of a sweep, with Ray tasks.
+"""`bae score RUN`: fidelity, density and interpretability of every trained coder of a sweep, with Ray tasks.
 
     RUN/trials.parquet (finished trials: checkpoint, cache, hookpoint, k)
-      -> one Ray task per coder, and one per (hookpoint, k) for the MLP-neuron baseline:
-         bae_core.interp on the cache's held-out split -> RUN/scores/<coder id>.parquet (atomic)
-      -> RUN/latents.parquet: one row per latent of every coder (coder id, trial, hookpoint, latent index,
-         firing count and rate, eligibility, explanation, every score and control)
+      -> per trained coder, and per (hookpoint, k) for the MLP-neuron baseline, a Ray task:
+         lexical scores of every latent on the cache's held-out split      -> RUN/scores/<coder id>.parquet
+      -> then, per trained coder, a Ray task on the language model:
+         spliced fidelity (CE increase, KL, top-1 drop, loss recovered)
+         and the ablation of equal-firing-mass bins of latents by score    -> RUN/evaluation/<coder id>.json
+      -> with `--judge llm`, per dictionary, in the driver (it waits on the network, and the API key stays in
+         the driver's environment): the LLM judge's explanations, detection and fuzzing scores on a sample of
+         its eligible latents                                               -> RUN/llm/<coder id>.parquet
+      -> the tables, rewritten atomically from those files:
+         RUN/latents.parquet   one row per latent (coder id, trial, hookpoint, latent index, firing count and
+                               rate, eligibility, explanation, every score and control)
+         RUN/coders.parquet    one row per dictionary: density, fidelity and aggregated scores
+         RUN/ablation.parquet  one row per (coder, bin) of the ablation by score
+         RUN/density.parquet   the log10 firing-rate histogram of every dictionary
 
-Running it again scores only the coders without a file under RUN/scores/, then rewrites latents.parquet.
+Every per-coder file is written atomically when its task ends, so running `bae score` again (after a crash, a
+killed worker, or with more trials finished) does only the work whose file is missing.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import math
+from dataclasses import dataclass, field
 
-from bae_core.cache import open_filesystem
-from ray_jobs.sweep_job import TRIALS_TABLE, write_parquet_atomic
+import numpy as np
+
+from bae_core.cache import open_filesystem, write_bytes_atomic
+from ray_jobs.sweep_job import SPEC_COPY, TRIALS_TABLE, write_parquet_atomic
 
 LATENTS_TABLE = "latents.parquet"
+CODERS_TABLE = "coders.parquet"
+ABLATION_TABLE = "ablation.parquet"
+DENSITY_TABLE = "density.parquet"
 SCORES_DIR = "scores"
+EVALUATION_DIR = "evaluation"
+LLM_DIR = "llm"
+JUDGES = ("lexical", "llm")
 
 
 @dataclass(frozen=True)
@@ -30,10 +51,56 @@ class ScoreTask:
     hookpoint: str
     k: int
     checkpoint: str | None
+    activation: str = "mlp_neurons"
+    kind: str = "baseline"
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """How `bae score` scores a run; `from_run` takes the defaults from the sweep spec's `scoring` section."""
+
+    min_examples: int | None = None
+    test_windows: int = 50
+    seed: int = 0
+    fidelity_tokens: int = 16384
+    ablation_bins: int = 5
+    lm_batch_size: int = 8
+    judge: str = "lexical"
+    llm: object | None = field(default=None, repr=False)
+    """A `bae_core.judge.JudgeConfig` when `judge` is llm."""
+    llm_latents: int = 50
+    """Eligible latents per coder the LLM judge scores (drawn with `seed`)."""
+
+    def __post_init__(self):
+        if self.judge not in JUDGES:
+            raise ValueError(f"judge: choose one of {', '.join(JUDGES)}, got {self.judge!r}")
+        if self.judge == "llm" and self.llm is None:
+            raise ValueError("judge: llm needs a judge configuration (base URL and model)")
+        for name in ("test_windows", "fidelity_tokens", "lm_batch_size", "llm_latents"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.ablation_bins < 0:
+            raise ValueError(f"ablation_bins: must be >= 0 (0 skips the ablation), got {self.ablation_bins}")
+        if self.min_examples is not None and self.min_examples < 1:
+            raise ValueError(f"min_examples: must be >= 1, got {self.min_examples}")
+
+    @classmethod
+    def from_run(cls, run_dir: str, **overrides) -> ScoreOptions:
+        """The run's `scoring` settings (from RUN/spec.json), with `overrides` that are not None on top."""
+        fs, base = open_filesystem(run_dir)
+        spec = {}
+        path = f"{base}/{SPEC_COPY}"
+        if fs.get_file_info(path).type.name != "NotFound":
+            with fs.open_input_stream(path) as f:
+                spec = json.loads(f.read().decode()).get("scoring") or {}
+        names = ("min_examples", "test_windows", "fidelity_tokens", "ablation_bins", "lm_batch_size")
+        values = {k: spec[k] for k in names if spec.get(k) is not None}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
 
 
 def plan(run_dir: str) -> list[ScoreTask]:
-    """The coders of a run's finished trials, then one neuron baseline per (cache, hookpoint, k)."""
+    """The coders of a run's finished trials, then one neuron baseline per (cache, MLP hookpoint, k)."""
     import pandas as pd
 
     fs, base = open_filesystem(run_dir)
@@ -46,7 +113,7 @@ def plan(run_dir: str) -> list[ScoreTask]:
     if finished.empty:
         raise ValueError(f"run {run_dir}: {TRIALS_TABLE} has no finished trial to score")
     tasks = [
-        ScoreTask(f"trial-{r.trial_id}", r.trial_id, r.cache, r.hookpoint, int(r.k), r.checkpoint)
+        ScoreTask(f"trial-{r.trial_id}", r.trial_id, r.cache, r.hookpoint, int(r.k), r.checkpoint, r.activation, r.kind)
         for r in finished.itertuples()
     ]
     baselines = sorted({(r.cache, r.hookpoint, int(r.k)) for r in finished.itertuples()})
@@ -55,88 +122,252 @@ def plan(run_dir: str) -> list[ScoreTask]:
     return tasks
 
 
-def score_task(task: ScoreTask, run_dir: str, min_examples: int | None, seed: int) -> int:
-    """Score one dictionary and write its rows to RUN/scores/<coder id>.parquet; returns the row count."""
-    import pandas as pd
+# ---- the tasks ------------------------------------------------------------------------------------------------
 
+
+def _load_model(cache: str):
     from bae_core.cache import open_cache
-    from bae_core.coder import SparseCoder
-    from bae_core.interp import ExampleOptions, coder_latent_scores, neuron_baseline_scores
     from bae_core.lm import EMBEDDED_MODEL, load_model
 
-    manifest = open_cache(task.cache)
-    loaded = load_model(manifest.model, revision=None if manifest.model == EMBEDDED_MODEL else manifest.revision)
+    manifest = open_cache(cache)
+    return load_model(manifest.model, revision=None if manifest.model == EMBEDDED_MODEL else manifest.revision)
+
+
+def lexical_task(task: ScoreTask, run_dir: str, options: ScoreOptions) -> int:
+    """Score one dictionary's latents and write RUN/scores/<coder id>.parquet; returns the row count."""
+    import pandas as pd
+
+    from bae_core.coder import SparseCoder
+    from bae_core.interp import ExampleOptions, coder_latent_scores, neuron_baseline_scores
+
+    loaded = _load_model(task.cache)
     decode = loaded.tokenizer.decode
-    options = ExampleOptions(min_examples=min_examples, seed=seed)
+    examples = ExampleOptions(min_examples=options.min_examples, test_windows=options.test_windows, seed=options.seed)
     if task.checkpoint is None:
-        rows = neuron_baseline_scores(loaded, task.cache, task.hookpoint, task.k, options, decode=decode)
-        dictionary = "mlp_neurons"
+        rows = neuron_baseline_scores(loaded, task.cache, task.hookpoint, task.k, examples, decode=decode)
     else:
         coder = SparseCoder.load(task.checkpoint)
-        rows = coder_latent_scores(coder, task.cache, task.hookpoint, options, decode=decode)
-        dictionary = f"{coder.cfg.activation} {coder.cfg.kind}"
+        rows = coder_latent_scores(coder, task.cache, task.hookpoint, examples, decode=decode)
     frame = pd.DataFrame(rows)
     frame.insert(0, "coder_id", task.coder_id)
     frame.insert(1, "trial_id", task.trial_id)
     frame.insert(2, "hookpoint", task.hookpoint)
-    frame.insert(3, "dictionary", dictionary)
+    frame.insert(3, "dictionary", _dictionary(task))
     frame.insert(4, "k", task.k)
     write_parquet_atomic(run_dir, f"{SCORES_DIR}/{task.coder_id}.parquet", frame)
     return len(frame)
 
 
-def run_score(run_dir: str, *, min_examples: int | None = None, seed: int = 0, progress=None):
-    """Score every coder of the run that has no scores yet (in parallel Ray tasks) and write latents.parquet."""
+def _dictionary(task: ScoreTask) -> str:
+    return "mlp_neurons" if task.checkpoint is None else f"{task.activation} {task.kind}"
+
+
+def fidelity_tokens(cache: str, hookpoint: str, tokens: int, split: str = "heldout") -> np.ndarray:
+    """Whole held-out sequences, evenly spaced over the split, holding about `tokens` tokens."""
+    from bae_core.cache import open_cache
+    from bae_core.interp import split_tokens
+
+    manifest = open_cache(cache)
+    ids, _ = split_tokens(cache, hookpoint, split, manifest)
+    n = min(len(ids), max(1, math.ceil(tokens / ids.shape[1])))
+    return ids[np.unique(np.linspace(0, len(ids) - 1, n).round().astype(int))]
+
+
+def evaluation_task(task: ScoreTask, run_dir: str, options: ScoreOptions) -> dict:
+    """Spliced fidelity of a trained coder and its ablation by lexical score; writes
+    RUN/evaluation/<coder id>.json and returns its content."""
     import pandas as pd
-    import ray
+    import torch
+
+    from bae_core.coder import SparseCoder
+    from bae_core.fidelity import ablation_by_score, spliced_fidelity
+    from bae_core.lm import resolve_hookpoints
+
+    loaded = _load_model(task.cache)
+    (hook,) = resolve_hookpoints(loaded, [task.hookpoint])
+    coder = SparseCoder.load(task.checkpoint)
+    ids = torch.from_numpy(fidelity_tokens(task.cache, task.hookpoint, options.fidelity_tokens))
+    fidelity = spliced_fidelity(loaded, hook, {task.coder_id: coder}, ids, batch_size=options.lm_batch_size)
+    result = {"coder_id": task.coder_id, "fidelity": fidelity[task.coder_id].summary(), "ablation": []}
+    if options.ablation_bins:
+        fs, base = open_filesystem(run_dir)
+        with fs.open_input_file(f"{base}/{SCORES_DIR}/{task.coder_id}.parquet") as f:
+            scores = pd.read_parquet(f, columns=["latent", "token_auroc", "firing_count"]).sort_values("latent")
+        result["ablation"] = ablation_by_score(
+            loaded,
+            hook,
+            coder,
+            ids,
+            scores["token_auroc"].to_numpy(dtype=float),
+            scores["firing_count"].to_numpy(),
+            bins=options.ablation_bins,
+            batch_size=options.lm_batch_size,
+        )
+    fs, base = open_filesystem(run_dir)
+    write_bytes_atomic(fs, f"{base}/{EVALUATION_DIR}/{task.coder_id}.json", json.dumps(result, indent=2).encode())
+    return result
+
+
+def llm_task(task: ScoreTask, run_dir: str, options: ScoreOptions) -> int:
+    """The LLM judge on up to `options.llm_latents` eligible latents of one dictionary; writes
+    RUN/llm/<coder id>.parquet (one row per judged latent) and returns its row count."""
+    import pandas as pd
+
+    from bae_core.coder import SparseCoder
+    from bae_core.interp import ExampleOptions, llm_examples
+    from bae_core.judge import judge_latents
 
     fs, base = open_filesystem(run_dir)
+    with fs.open_input_file(f"{base}/{SCORES_DIR}/{task.coder_id}.parquet") as f:
+        lexical = pd.read_parquet(f, columns=["latent", "eligible"])
+    eligible = lexical.loc[lexical["eligible"], "latent"].to_numpy()
+    rng = np.random.default_rng(options.seed)
+    chosen = np.sort(rng.choice(eligible, min(options.llm_latents, len(eligible)), replace=False))
+    loaded = _load_model(task.cache)
+    examples_options = ExampleOptions(
+        min_examples=options.min_examples, test_windows=options.test_windows, seed=options.seed
+    )
+    coder = None if task.checkpoint is None else SparseCoder.load(task.checkpoint)
+    examples = llm_examples(loaded, coder, task.cache, task.hookpoint, task.k, examples_options, chosen)
+    results = judge_latents(options.llm, examples, seed=options.seed)
+    frame = pd.DataFrame([{"latent": int(latent), **results[int(latent)]} for latent in chosen])
+    frame.insert(0, "coder_id", task.coder_id)
+    write_parquet_atomic(run_dir, f"{LLM_DIR}/{task.coder_id}.parquet", frame)
+    return len(frame)
+
+
+# ---- the driver ------------------------------------------------------------------------------------------------
+
+
+def _missing(fs, base: str, folder: str, coder_id: str, suffix: str) -> bool:
+    return fs.get_file_info(f"{base}/{folder}/{coder_id}.{suffix}").type.name == "NotFound"
+
+
+def run_score(run_dir: str, options: ScoreOptions | None = None, *, progress=None, **overrides):
+    """Score every dictionary of the run whose files are missing (Ray tasks) and rewrite the tables; returns
+    the latents table. `overrides` (e.g. min_examples=5) replace the run's own scoring settings."""
+    import ray
+
+    options = options or ScoreOptions.from_run(run_dir, **overrides)
+    fs, base = open_filesystem(run_dir)
     tasks = plan(run_dir)
-    todo = [t for t in tasks if fs.get_file_info(f"{base}/{SCORES_DIR}/{t.coder_id}.parquet").type.name == "NotFound"]
-    remote = ray.remote(num_cpus=1, max_retries=2)(score_task)
-    pending = {remote.remote(t, run_dir, min_examples, seed): t for t in todo}
-    done = len(tasks) - len(todo)
+    stages = [("lexical", SCORES_DIR, "parquet", lexical_task, lambda t: True)]
+    stages.append(("fidelity", EVALUATION_DIR, "json", evaluation_task, lambda t: t.checkpoint is not None))
+    remotes = {name: ray.remote(num_cpus=1, max_retries=2)(fn) for name, _, _, fn, _ in stages}
+    # Each dictionary's stages run in order (the later ones read its lexical scores); dictionaries in parallel.
+    queues = {t.coder_id: [s for s in stages if s[4](t) and _missing(fs, base, s[1], t.coder_id, s[2])] for t in tasks}
+    judge = [t for t in tasks if options.judge == "llm" and _missing(fs, base, LLM_DIR, t.coder_id, "parquet")]
+    by_id = {t.coder_id: t for t in tasks}
+    total = sum(len(q) for q in queues.values()) + len(judge)
+    done = 0
+    pending = {}
+
+    def submit(coder_id: str) -> None:
+        if queues[coder_id]:
+            name = queues[coder_id][0][0]
+            ref = remotes[name].remote(by_id[coder_id], run_dir, options)
+            pending[ref] = (coder_id, name)
+
+    for coder_id in queues:
+        submit(coder_id)
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
-        task = pending.pop(ready[0])
+        coder_id, name = pending.pop(ready[0])
         ray.get(ready[0])
+        queues[coder_id].pop(0)
         done += 1
         if progress is not None:
-            progress(done, len(tasks), task.coder_id)
-    frames = []
+            progress(done, total, f"{name} {coder_id}")
+        submit(coder_id)
+    for t in judge:
+        llm_task(t, run_dir, options)
+        done += 1
+        if progress is not None:
+            progress(done, total, f"llm judge {t.coder_id}")
+    return write_tables(run_dir, tasks)
+
+
+def write_tables(run_dir: str, tasks: list[ScoreTask] | None = None):
+    """latents.parquet, coders.parquet, ablation.parquet and density.parquet from the per-coder files."""
+    import pandas as pd
+
+    from bae_core.aggregate import log_rate_histogram
+
+    tasks = tasks if tasks is not None else plan(run_dir)
+    fs, base = open_filesystem(run_dir)
+    frames, evaluations = [], {}
     for t in tasks:
         with fs.open_input_file(f"{base}/{SCORES_DIR}/{t.coder_id}.parquet") as f:
-            frames.append(pd.read_parquet(f))
+            frame = pd.read_parquet(f)
+        if not _missing(fs, base, LLM_DIR, t.coder_id, "parquet"):
+            with fs.open_input_file(f"{base}/{LLM_DIR}/{t.coder_id}.parquet") as f:
+                frame = frame.merge(pd.read_parquet(f), on=["coder_id", "latent"], how="left")
+        frames.append(frame)
+        if not _missing(fs, base, EVALUATION_DIR, t.coder_id, "json"):
+            with fs.open_input_stream(f"{base}/{EVALUATION_DIR}/{t.coder_id}.json") as f:
+                evaluations[t.coder_id] = json.loads(f.read().decode())
     latents = pd.concat(frames, ignore_index=True)
     write_parquet_atomic(run_dir, LATENTS_TABLE, latents)
+
+    coders = summarize(latents, tasks)
+    fidelity = pd.DataFrame([{"coder_id": k, **v["fidelity"]} for k, v in evaluations.items()])
+    if not fidelity.empty:
+        coders = coders.merge(fidelity, on="coder_id", how="left")
+    write_parquet_atomic(run_dir, CODERS_TABLE, coders)
+    ablation = pd.DataFrame([{"coder_id": k, **row} for k, v in evaluations.items() for row in v["ablation"]])
+    write_parquet_atomic(run_dir, ABLATION_TABLE, ablation)
+    write_parquet_atomic(run_dir, DENSITY_TABLE, log_rate_histogram(latents, by=["coder_id"]))
     return latents
 
 
-def summarize(latents):
-    """Per coder: alive latents, coverage (eligible / alive), and the unweighted and frequency-weighted (by
-    firing count) mean token AUROC over eligible latents, with the shuffled control's mean."""
+def summarize(latents, tasks: list[ScoreTask] | None = None):
+    """One row per dictionary: what it is, its density on the held-out split (latents, alive, dead, > 1%, > 10%),
+    coverage, and the unweighted and frequency-weighted mean token AUROC over eligible latents with the shuffled
+    control (and the LLM judge's means when it ran)."""
     import pandas as pd
 
+    from bae_core.aggregate import density, score_summary, weighted_mean
+    from bae_core.lexical import LABEL
+
+    _, overall = score_summary(latents, "token_auroc", by=["coder_id"])
+    overall = overall.drop(columns=["hookpoints", "latents", "alive", "eligible"])
     rows = []
+    info = {t.coder_id: t for t in tasks or []}
     for coder_id, g in latents.groupby("coder_id", sort=False):
-        alive = g[g["firing_count"] > 0]
+        t = info.get(coder_id)
+        row = {
+            "coder_id": coder_id,
+            "trial_id": g["trial_id"].iloc[0],
+            "dictionary": g["dictionary"].iloc[0],
+            "activation": t.activation if t else None,
+            "kind": t.kind if t else None,
+            "hookpoint": g["hookpoint"].iloc[0],
+            "k": int(g["k"].iloc[0]),
+            "l0_heldout": _l0(g),
+            **density(g["firing_rate"].to_numpy()),
+            "alive": int((g["firing_count"] > 0).sum()),
+            "eligible": int(g["eligible"].sum()),
+        }
         scored = g[g["eligible"]]
-        weights = scored["firing_count"]
-        rows.append(
-            {
-                "coder_id": coder_id,
-                "dictionary": g["dictionary"].iloc[0],
-                "hookpoint": g["hookpoint"].iloc[0],
-                "k": int(g["k"].iloc[0]),
-                "latents": len(g),
-                "alive": len(alive),
-                "eligible": len(scored),
-                "coverage": len(scored) / len(alive) if len(alive) else float("nan"),
-                "token_auroc": scored["token_auroc"].mean(),
-                "token_auroc_weighted": (scored["token_auroc"] * weights).sum() / weights.sum()
-                if len(scored)
-                else float("nan"),
-                "shuffled_token_auroc": scored["shuffled_token_auroc"].mean(),
-            }
-        )
-    return pd.DataFrame(rows)
+        for column in ("detection_balanced_accuracy", "fuzzing_balanced_accuracy"):
+            if column in g.columns:
+                judged = g[g[column].notna()]
+                row[column] = float(judged[column].mean()) if len(judged) else math.nan
+                row[f"{column}_weighted"] = weighted_mean(judged[column], judged["firing_count"])
+        if "llm_failed_prompts" in g.columns:
+            row["llm_latents"] = int(g["llm_prompts"].notna().sum())
+            row["llm_failed_fraction"] = float(g["llm_failed_prompts"].sum() / max(g["llm_prompts"].sum(), 1))
+        row["window_f1"] = float(scored["window_f1"].mean()) if len(scored) else math.nan
+        row["score_label"] = LABEL
+        rows.append(row)
+    return pd.DataFrame(rows).merge(overall, on="coder_id", how="left")
+
+
+def _l0(g) -> float:
+    """Mean firing latents per held-out token: total firings over the tokens (firing count / rate of any latent
+    that fires)."""
+    alive = g[g["firing_rate"] > 0]
+    if alive.empty:
+        return 0.0
+    tokens = alive["firing_count"].iloc[0] / alive["firing_rate"].iloc[0]
+    return float(g["firing_count"].sum() / tokens)

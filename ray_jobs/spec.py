@@ -42,8 +42,19 @@ SPACE_FIELDS: tuple[str, ...] = ("hookpoint", *CODER_FIELDS, *TRAIN_FIELDS)
 DISTRIBUTIONS: tuple[str, ...] = ("uniform", "loguniform", "int", "logint")
 _DISTRIBUTION_FORMS = ", ".join(f"{{{d}: [low, high]}}" for d in DISTRIBUTIONS)
 
-Metric = Literal["fvu", "l0", "dead_fraction", "frequent_fraction", "dense_fraction"]
-"""Held-out metrics every trial reports; any of them can be an objective."""
+Metric = Literal[
+    "fvu",
+    "l0",
+    "dead_fraction",
+    "frequent_fraction",
+    "dense_fraction",
+    "lexical_auroc",
+    "lexical_auroc_weighted",
+    "lexical_coverage",
+]
+"""Held-out metrics every trial reports; any of them can be an objective. The lexical ones (evaluation.md §3a,
+"lexical explainability (token/bigram rules)") are measured on `scoring.trial_latents` sampled latents."""
+LEXICAL_METRICS: tuple[str, ...] = ("lexical_auroc", "lexical_auroc_weighted", "lexical_coverage")
 METRICS: tuple[str, ...] = Metric.__args__
 
 
@@ -96,6 +107,23 @@ class ResourcesSpec(_Section):
     """Retries of a failed trial, each from its last checkpoint."""
 
 
+class ScoringSpec(_Section):
+    """How latents are scored: in each trial (the lexical objectives) and by `bae score` afterwards."""
+
+    trial_latents: NonNegativeInt = 256
+    """Latents each trial samples (among those that fire) for its lexical_* metrics; 0 turns them off."""
+    min_examples: PositiveInt | None = None
+    """Activating windows a latent needs to be scored (null: delphi's 200 per 10M tokens, at least 5)."""
+    test_windows: PositiveInt = 50
+    """Activating test windows per latent (and as many non-activating ones)."""
+    fidelity_tokens: PositiveInt = 16384
+    """`bae score`: held-out tokens on which the spliced model's CE, KL and top-1 are measured."""
+    ablation_bins: NonNegativeInt = 5
+    """`bae score`: bins of equal firing mass for the ablation by score (evaluation.md §5); 0 skips it."""
+    lm_batch_size: PositiveInt = 8
+    """`bae score`: sequences per language-model forward."""
+
+
 class SweepSpec(_Section):
     """A whole sweep; `load_spec` reads one from YAML."""
 
@@ -111,6 +139,7 @@ class SweepSpec(_Section):
     search: SearchSpec = Field(default_factory=SearchSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    scoring: ScoringSpec = Field(default_factory=ScoringSpec)
 
     # ---- derived --------------------------------------------------------------------------------
 
@@ -182,6 +211,12 @@ class SweepSpec(_Section):
             raise SpecError(
                 f"training.checkpoint_every: {self.training.checkpoint_every} is more than training.steps "
                 f"({self.training.steps}); a trial would never checkpoint before it ends"
+            )
+        lexical = [m for m in self.search.objectives if m in LEXICAL_METRICS]
+        if lexical and not self.scoring.trial_latents:
+            raise SpecError(
+                f"scoring.trial_latents: search.objectives names {lexical[0]}, which trials measure on "
+                "scoring.trial_latents sampled latents; give it a positive number (e.g. 256)"
             )
         if self.resources.workers > 1 and self.training.batch_size % self.resources.workers:
             raise SpecError(

@@ -34,7 +34,7 @@ from bae_core.cache import coder_columns, iter_activation_batches, open_cache, o
 from bae_core.config import CoderConfig
 from bae_core.train import TrainConfig
 from ray_jobs.runtime import storage_path
-from ray_jobs.spec import CODER_FIELDS, METRICS, TRAIN_FIELDS, SpecError, SweepSpec
+from ray_jobs.spec import CODER_FIELDS, LEXICAL_METRICS, METRICS, TRAIN_FIELDS, SpecError, SweepSpec
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,15 @@ TUNE_DIR = "tune"
 TRIALS_TABLE = "trials.parquet"
 SPEC_COPY = "spec.json"
 # Settings that may change between a sweep and its resumption: they do not change any trial's result.
-RESUMABLE_CHANGES = ("description", "search.max_concurrent", "resources.max_failures")
+RESUMABLE_CHANGES = (
+    "description",
+    "search.max_concurrent",
+    "resources.max_failures",
+    # Read by `bae score` only.
+    "scoring.fidelity_tokens",
+    "scoring.ablation_bins",
+    "scoring.lm_batch_size",
+)
 
 
 # ---- the trial ------------------------------------------------------------------------------------
@@ -73,11 +81,19 @@ def run_trial(config: dict[str, Any], *, spec_data: dict[str, Any], cache: str) 
         manifest=manifest,
     )
     evaluation = evaluate_coder(trainer.coder, held_out, max_tokens=spec.training.eval_tokens)
+    train_seconds = time.perf_counter() - started
+    lexical = {}
+    if spec.scoring.trial_latents:
+        from bae_core.interp import ExampleOptions, lexical_summary
+
+        options = ExampleOptions(min_examples=spec.scoring.min_examples, test_windows=spec.scoring.test_windows)
+        lexical = lexical_summary(trainer.coder, cache, hookpoint, options, max_latents=spec.scoring.trial_latents)
     final = {
         **_trial_facts(trainer, hookpoint),
         **evaluation.summary(),
+        **lexical,
         "train_fvu": train_fvu,
-        "train_seconds": time.perf_counter() - started,
+        "train_seconds": train_seconds,
         "split": "heldout",
     }
     with tempfile.TemporaryDirectory() as d:
@@ -142,6 +158,8 @@ def _train_in_process(spec: SweepSpec, cache: str, manifest, hookpoint: str, cod
                 "dead_fraction": float((trainer.firing_counts == 0).double().mean()),
                 "frequent_fraction": float((rates > 0.01).double().mean()),
                 "dense_fraction": float((rates > 0.10).double().mean()),
+                # Measured once, on the final coder: Tune wants every objective in every report.
+                **dict.fromkeys(LEXICAL_METRICS, math.nan),
                 "split": "train",
             }
             with tempfile.TemporaryDirectory() as d:
@@ -293,7 +311,7 @@ def trial_row(trial, provenance: dict[str, Any]) -> dict[str, Any]:
     for key in ("num_latents", "lr", "d_in", "d_out", "steps", "tokens"):
         if key in result:
             row[key] = result[key]
-    for key in (*METRICS, "eval_tokens", "train_fvu", "train_seconds"):
+    for key in (*METRICS, "lexical_latents", "eval_tokens", "train_fvu", "train_seconds"):
         row[key] = result.get(key) if final else None
     checkpoint = trial.checkpoint
     row["checkpoint"] = checkpoint.path if checkpoint is not None and final else None
@@ -363,8 +381,12 @@ def _check_same_spec(spec: SweepSpec, run_dir: str) -> None:
         return
     with fs.open_input_stream(path) as f:
         saved = _flatten(json.loads(f.read().decode()))
+    # A setting added to the spec format after the run began is the same as before when it has its default.
+    defaults = _flatten(SweepSpec(name="defaults", cache={}).model_dump(mode="json"))
     for key in sorted(set(saved) | set(current)):
         if key.startswith(RESUMABLE_CHANGES) or key == "output":
+            continue
+        if key not in saved and key in defaults and current.get(key) == defaults[key]:
             continue
         if saved.get(key) != current.get(key):
             raise SpecError(

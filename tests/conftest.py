@@ -23,7 +23,7 @@ def sweep_spec(output, cache_root=None, **sections) -> dict:
             "hookpoints": ["layers.3.mlp"],
             "seq_len": 32,
             "train_tokens": 2048,
-            "heldout_tokens": 512,
+            "heldout_tokens": 2048,
             "sequences_per_unit": 16,
             "batch_size": 16,
         },

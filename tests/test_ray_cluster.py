@@ -41,7 +41,7 @@ def cache_root(cluster, tmp_path_factory):
 def test_cache_is_written_by_actors_on_two_nodes(cluster, cache_root):
     (_, workers), (root, manifest) = cluster, cache_root
     assert {s.node for s in manifest.shards} == {w.node_id for w in workers}
-    assert verify_cache(str(root)) == len(manifest.shards) == 2048 // 256 + 512 // 256
+    assert verify_cache(str(root)) == len(manifest.shards) == 2048 // 256 + 2048 // 256
 
 
 def test_a_node_lost_mid_sweep_costs_no_finished_trial(cluster, cache_root, tmp_path, make_spec):

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from bae_core.cache import iter_activation_batches
+from bae_core.interp import ExampleOptions, lexical_summary
 from bae_core.train import TrainConfig, Trainer
 from ray_jobs.cache_job import run_cache
-from ray_jobs.score_job import LATENTS_TABLE, run_score, summarize
+from ray_jobs.score_job import ABLATION_TABLE, CODERS_TABLE, DENSITY_TABLE, LATENTS_TABLE, run_score, summarize
 from ray_jobs.spec import SpecError, parse_spec
 from ray_jobs.sweep_job import TRIALS_TABLE, run_sweep
 
@@ -77,7 +78,9 @@ def test_grid_sweep_trains_every_combination_and_writes_the_trials_table(local_r
     trainer = Trainer.load_checkpoint(row["checkpoint"])
     assert trainer.step_count == 20 and trainer.coder.cfg.activation == "binary_topk"
     trainer.eval_mode()
-    x = next(iter_activation_batches(str(cache_root), "layers.3.mlp", split="heldout", batch_size=512))
+    x = next(
+        iter_activation_batches(str(cache_root), "layers.3.mlp", split="heldout", batch_size=512, shuffle_seed=None)
+    )
     with torch.no_grad():
         code = trainer.coder.encode(x)
         y_hat = trainer.coder.decode(code, x).double()
@@ -95,7 +98,7 @@ def test_grid_sweep_trains_every_combination_and_writes_the_trials_table(local_r
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "run" / TRIALS_TABLE), trials)
 
     # `bae score` scores each trial's coder and the MLP-neuron baseline into latents.parquet; again, nothing new.
-    latents = run_score(str(tmp_path / "run"), min_examples=5)
+    latents = run_score(str(tmp_path / "run"), min_examples=5, fidelity_tokens=128, ablation_bins=2)
     assert len(latents) == 4 * 1152 + 1536
     assert set(latents["coder_id"]) == {f"trial-{t}" for t in trials["trial_id"]} | {"neurons-layers.3.mlp-k8"}
     assert {"latent", "firing_count", "firing_rate", "eligible", "explanation", "token_auroc", "window_auroc"} <= set(
@@ -109,12 +112,36 @@ def test_grid_sweep_trains_every_combination_and_writes_the_trials_table(local_r
         "neurons-layers.3.mlp-k8",
         *(f"trial-{t}" for t in trials.loc[trials["activation"] == "topk", "trial_id"]),
     ]:
-        assert latents.loc[latents["coder_id"] == coder_id, "firing_count"].sum() == 8 * 512
-    summary = summarize(latents)
-    assert len(summary) == 5 and (summary["alive"] <= summary["latents"]).all()
-    scored = mtimes_of(tmp_path / "run" / "scores")
-    run_score(str(tmp_path / "run"), min_examples=5)
-    assert mtimes_of(tmp_path / "run" / "scores") == scored
+        assert latents.loc[latents["coder_id"] == coder_id, "firing_count"].sum() == 8 * 2048
+    coders = pd.read_parquet(tmp_path / "run" / CODERS_TABLE)
+    assert len(coders) == 5 and (coders["alive"] <= coders["latents"]).all() and (coders["eligible"] > 0).all()
+    pd.testing.assert_frame_equal(
+        coders[["coder_id", "eligible", "token_auroc"]], summarize(latents)[["coder_id", "eligible", "token_auroc"]]
+    )
+    trained = coders[coders["trial_id"].notna()].set_index("trial_id").loc[trials["trial_id"]]
+    assert (trained["activation"].to_numpy() == trials["activation"].to_numpy()).all()
+    # Fidelity on 4 held-out sequences of 32 tokens: every spliced coder is worse than clean, better than nothing
+    # only if it learned something; the numbers hang together.
+    assert (trained["fidelity_tokens"] == 4 * 31).all()
+    assert (trained["ce_zero_ablated"] > trained["ce_clean"]).all() and (trained["kl"] > 0).all()
+    np.testing.assert_allclose(trained["ce_increase"], trained["ce_spliced"] - trained["ce_clean"])
+    recovered = (trained["ce_zero_ablated"] - trained["ce_spliced"]) / (
+        trained["ce_zero_ablated"] - trained["ce_clean"]
+    )
+    np.testing.assert_allclose(trained["loss_recovered"], recovered)
+    baseline = coders[coders["trial_id"].isna()]
+    assert baseline["ce_increase"].isna().all()  # no coder to splice
+    topk = trained[trained["activation"] == "topk"]
+    assert np.allclose(topk["l0_heldout"], 8)  # TopK fires exactly k latents per token
+    ablation = pd.read_parquet(tmp_path / "run" / ABLATION_TABLE)
+    assert set(ablation["coder_id"]) == {f"trial-{t}" for t in trials["trial_id"]}
+    assert ablation.groupby("coder_id")["bin"].max().max() <= 1
+    density = pd.read_parquet(tmp_path / "run" / DENSITY_TABLE)
+    assert (density.groupby("coder_id")["latents"].sum().loc[coders["coder_id"]].to_numpy() == coders["latents"]).all()
+
+    scored = {d: mtimes_of(tmp_path / "run" / d) for d in ("scores", "evaluation")}
+    run_score(str(tmp_path / "run"), min_examples=5, fidelity_tokens=128, ablation_bins=2)
+    assert {d: mtimes_of(tmp_path / "run" / d) for d in ("scores", "evaluation")} == scored
 
     # ... and the same folder refuses a sweep with other settings, naming the first difference.
     other = parse_spec(make_spec(tmp_path / "run", cache_root, coder={"expansion_factor": 2, "k": 4}))
@@ -132,7 +159,7 @@ def test_optuna_multi_objective_sweep_samples_the_space(local_ray, cache_root, t
             search={
                 "algorithm": "optuna",
                 "num_samples": 3,
-                "objectives": {"fvu": "min", "dead_fraction": "min"},
+                "objectives": {"fvu": "min", "lexical_auroc": "max"},
                 "max_concurrent": 2,
                 "seed": 1,
             },
@@ -147,6 +174,15 @@ def test_optuna_multi_objective_sweep_samples_the_space(local_ray, cache_root, t
     # Each trial trained with the k it was given: TopK codes have exactly k active latents.
     topk = trials[trials["activation"] == "topk"]
     assert (topk["l0"] == topk["k"]).all()
+    # The interpretability objective is real: each trial's lexical score, on 256 latents drawn among those that
+    # fire, is what the lexical scorer gives its checkpoint.
+    assert trials["lexical_auroc"].between(0.5, 1).all() and (trials["lexical_latents"] <= 256).all()
+    assert trials["lexical_coverage"].between(0, 1).all() and trials["lexical_auroc_weighted"].notna().all()
+    row = trials.iloc[0]
+    coder = Trainer.load_checkpoint(row["checkpoint"]).coder
+    again = lexical_summary(coder, str(cache_root), "layers.3.mlp", ExampleOptions(), max_latents=256)
+    assert again["lexical_auroc"] == pytest.approx(row["lexical_auroc"])
+    assert again["lexical_latents"] == row["lexical_latents"]
 
 
 def test_a_multi_worker_trial_trains_with_a_data_parallel_torch_trainer(local_ray, cache_root, tmp_path, make_spec):
