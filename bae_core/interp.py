@@ -71,23 +71,37 @@ class ExampleOptions:
 
 
 def coder_latent_scores(
-    coder: SparseCoder, root: str, hookpoint: str, options: ExampleOptions = ExampleOptions(), *, decode=None
+    coder: SparseCoder,
+    root: str,
+    hookpoint: str,
+    options: ExampleOptions = ExampleOptions(),
+    *,
+    decode=None,
+    latents: np.ndarray | None = None,
 ) -> list[dict]:
-    """One row per latent of `coder` (see `bae_core.examples.score_latents`), on the cache's `options.split`."""
+    """One row per latent of `coder` (or of `latents`; see `bae_core.examples.score_latents`), on the cache's
+    `options.split`."""
     manifest = open_cache(root)
     tokens, docs = split_tokens(root, hookpoint, options.split, manifest)
     acts = coder_activations(coder, root, hookpoint, options.split, manifest)
-    return _score(acts, tokens, docs, coder.cfg.is_binary, options, decode)
+    return _score(acts, tokens, docs, coder.cfg.is_binary, options, decode, latents=latents)
 
 
 def neuron_baseline_scores(
-    loaded, root: str, hookpoint: str, k: int, options: ExampleOptions = ExampleOptions(), *, decode=None
+    loaded,
+    root: str,
+    hookpoint: str,
+    k: int,
+    options: ExampleOptions = ExampleOptions(),
+    *,
+    decode=None,
+    latents: np.ndarray | None = None,
 ) -> list[dict]:
     """The same rows for the MLP's own neurons at `hookpoint`, each token keeping its `k` largest."""
     manifest = open_cache(root)
     tokens, docs = split_tokens(root, hookpoint, options.split, manifest)
     acts = neuron_activations(loaded, root, hookpoint, k, options.split, manifest)
-    return _score(acts, tokens, docs, False, options, decode)
+    return _score(acts, tokens, docs, False, options, decode, latents=latents)
 
 
 def neuron_activations(loaded, root: str, hookpoint: str, k: int, split: str, manifest: CacheManifest) -> sp.csr_matrix:

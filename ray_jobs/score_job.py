@@ -53,6 +53,8 @@ class ScoreTask:
     checkpoint: str | None
     activation: str = "mlp_neurons"
     kind: str = "baseline"
+    num_latents: int | None = None
+    """Dictionary size, when known before loading it (trained coders); larger ones are scored in chunks."""
 
 
 @dataclass(frozen=True)
@@ -70,13 +72,15 @@ class ScoreOptions:
     """A `bae_core.judge.JudgeConfig` when `judge` is llm."""
     llm_latents: int = 50
     """Eligible latents per coder the LLM judge scores (drawn with `seed`)."""
+    latents_per_task: int = 2048
+    """A dictionary with more latents is scored lexically by several Ray tasks, each on a slice of its latents."""
 
     def __post_init__(self):
         if self.judge not in JUDGES:
             raise ValueError(f"judge: choose one of {', '.join(JUDGES)}, got {self.judge!r}")
         if self.judge == "llm" and self.llm is None:
             raise ValueError("judge: llm needs a judge configuration (base URL and model)")
-        for name in ("test_windows", "fidelity_tokens", "lm_batch_size", "llm_latents"):
+        for name in ("test_windows", "fidelity_tokens", "lm_batch_size", "llm_latents", "latents_per_task"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.ablation_bins < 0:
@@ -113,7 +117,17 @@ def plan(run_dir: str) -> list[ScoreTask]:
     if finished.empty:
         raise ValueError(f"run {run_dir}: {TRIALS_TABLE} has no finished trial to score")
     tasks = [
-        ScoreTask(f"trial-{r.trial_id}", r.trial_id, r.cache, r.hookpoint, int(r.k), r.checkpoint, r.activation, r.kind)
+        ScoreTask(
+            f"trial-{r.trial_id}",
+            r.trial_id,
+            r.cache,
+            r.hookpoint,
+            int(r.k),
+            r.checkpoint,
+            r.activation,
+            r.kind,
+            int(r.num_latents),
+        )
         for r in finished.itertuples()
     ]
     baselines = sorted({(r.cache, r.hookpoint, int(r.k)) for r in finished.itertuples()})
@@ -133,8 +147,9 @@ def _load_model(cache: str):
     return load_model(manifest.model, revision=None if manifest.model == EMBEDDED_MODEL else manifest.revision)
 
 
-def lexical_task(task: ScoreTask, run_dir: str, options: ScoreOptions) -> int:
-    """Score one dictionary's latents and write RUN/scores/<coder id>.parquet; returns the row count."""
+def lexical_task(task: ScoreTask, run_dir: str, options: ScoreOptions, start: int = 0, stop: int | None = None) -> str:
+    """Score the latents start..stop (all when `stop` is None) of one dictionary and write their rows to
+    RUN/scores/<coder id>.parquet, or for a slice to RUN/scores/<coder id>/part-<start>.parquet; returns the path."""
     import pandas as pd
 
     from bae_core.coder import SparseCoder
@@ -143,19 +158,51 @@ def lexical_task(task: ScoreTask, run_dir: str, options: ScoreOptions) -> int:
     loaded = _load_model(task.cache)
     decode = loaded.tokenizer.decode
     examples = ExampleOptions(min_examples=options.min_examples, test_windows=options.test_windows, seed=options.seed)
+    latents = None if stop is None else np.arange(start, stop)
     if task.checkpoint is None:
-        rows = neuron_baseline_scores(loaded, task.cache, task.hookpoint, task.k, examples, decode=decode)
+        rows = neuron_baseline_scores(
+            loaded, task.cache, task.hookpoint, task.k, examples, decode=decode, latents=latents
+        )
     else:
         coder = SparseCoder.load(task.checkpoint)
-        rows = coder_latent_scores(coder, task.cache, task.hookpoint, examples, decode=decode)
+        rows = coder_latent_scores(coder, task.cache, task.hookpoint, examples, decode=decode, latents=latents)
     frame = pd.DataFrame(rows)
     frame.insert(0, "coder_id", task.coder_id)
     frame.insert(1, "trial_id", task.trial_id)
     frame.insert(2, "hookpoint", task.hookpoint)
     frame.insert(3, "dictionary", _dictionary(task))
     frame.insert(4, "k", task.k)
-    write_parquet_atomic(run_dir, f"{SCORES_DIR}/{task.coder_id}.parquet", frame)
-    return len(frame)
+    name = f"{SCORES_DIR}/{task.coder_id}.parquet" if stop is None else _part(task.coder_id, start)
+    write_parquet_atomic(run_dir, name, frame)
+    return name
+
+
+def _part(coder_id: str, start: int) -> str:
+    return f"{SCORES_DIR}/{coder_id}/part-{start:08d}.parquet"
+
+
+def _slices(task: ScoreTask, options: ScoreOptions) -> list[tuple[int, int | None]]:
+    """The (start, stop) latent slices of a dictionary's lexical tasks; [(0, None)] for one task."""
+    n = task.num_latents
+    if n is None or n <= options.latents_per_task:
+        return [(0, None)]
+    chunks = math.ceil(n / options.latents_per_task)
+    bounds = np.linspace(0, n, chunks + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _merge_parts(run_dir: str, task: ScoreTask, slices: list[tuple[int, int | None]]) -> None:
+    """Join a dictionary's slice files into RUN/scores/<coder id>.parquet, then remove them."""
+    import pandas as pd
+
+    fs, base = open_filesystem(run_dir)
+    frames = []
+    for start, _ in slices:
+        with fs.open_input_file(f"{base}/{_part(task.coder_id, start)}") as f:
+            frames.append(pd.read_parquet(f))
+    write_parquet_atomic(run_dir, f"{SCORES_DIR}/{task.coder_id}.parquet", pd.concat(frames, ignore_index=True))
+    fs.delete_dir_contents(f"{base}/{SCORES_DIR}/{task.coder_id}", missing_dir_ok=True)
+    fs.delete_dir(f"{base}/{SCORES_DIR}/{task.coder_id}")
 
 
 def _dictionary(task: ScoreTask) -> str:
@@ -251,34 +298,63 @@ def run_score(run_dir: str, options: ScoreOptions | None = None, *, progress=Non
     options = options or ScoreOptions.from_run(run_dir, **overrides)
     fs, base = open_filesystem(run_dir)
     tasks = plan(run_dir)
-    stages = [("lexical", SCORES_DIR, "parquet", lexical_task, lambda t: True)]
-    stages.append(("fidelity", EVALUATION_DIR, "json", evaluation_task, lambda t: t.checkpoint is not None))
-    remotes = {name: ray.remote(num_cpus=1, max_retries=2)(fn) for name, _, _, fn, _ in stages}
-    # Each dictionary's stages run in order (the later ones read its lexical scores); dictionaries in parallel.
-    queues = {t.coder_id: [s for s in stages if s[4](t) and _missing(fs, base, s[1], t.coder_id, s[2])] for t in tasks}
-    judge = [t for t in tasks if options.judge == "llm" and _missing(fs, base, LLM_DIR, t.coder_id, "parquet")]
     by_id = {t.coder_id: t for t in tasks}
-    total = sum(len(q) for q in queues.values()) + len(judge)
+    lexical = ray.remote(num_cpus=1, max_retries=2)(lexical_task)
+    evaluation = ray.remote(num_cpus=1, max_retries=2)(evaluation_task)
+
+    # Each dictionary's stages run in order (fidelity reads the lexical scores); dictionaries, and the latent
+    # slices of a large one, in parallel.
+    stages = {}
+    for t in tasks:
+        stages[t.coder_id] = []
+        if _missing(fs, base, SCORES_DIR, t.coder_id, "parquet"):
+            stages[t.coder_id].append("lexical")
+        if t.checkpoint is not None and _missing(fs, base, EVALUATION_DIR, t.coder_id, "json"):
+            stages[t.coder_id].append("fidelity")
+    judge = [t for t in tasks if options.judge == "llm" and _missing(fs, base, LLM_DIR, t.coder_id, "parquet")]
+    total = sum(len(s) for s in stages.values()) + len(judge)
     done = 0
-    pending = {}
+    pending: dict = {}
+    outstanding: dict[str, int] = {}
 
     def submit(coder_id: str) -> None:
-        if queues[coder_id]:
-            name = queues[coder_id][0][0]
-            ref = remotes[name].remote(by_id[coder_id], run_dir, options)
-            pending[ref] = (coder_id, name)
+        if not stages[coder_id]:
+            return
+        task, stage = by_id[coder_id], stages[coder_id][0]
+        if stage == "lexical":
+            refs = [
+                lexical.remote(task, run_dir, options, start, stop)
+                for start, stop in _slices(task, options)
+                # A slice scored before an interruption is kept.
+                if stop is None or fs.get_file_info(f"{base}/{_part(coder_id, start)}").type.name == "NotFound"
+            ]
+        else:
+            refs = [evaluation.remote(task, run_dir, options)]
+        outstanding[coder_id] = len(refs)
+        pending.update({ref: coder_id for ref in refs})
+        if not refs:
+            finish(coder_id)
 
-    for coder_id in queues:
+    def finish(coder_id: str) -> None:
+        nonlocal done
+        task, stage = by_id[coder_id], stages[coder_id].pop(0)
+        slices = _slices(task, options)
+        if stage == "lexical" and slices != [(0, None)]:
+            _merge_parts(run_dir, task, slices)
+        done += 1
+        if progress is not None:
+            progress(done, total, f"{stage} {coder_id}")
+        submit(coder_id)
+
+    for coder_id in stages:
         submit(coder_id)
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
-        coder_id, name = pending.pop(ready[0])
+        coder_id = pending.pop(ready[0])
         ray.get(ready[0])
-        queues[coder_id].pop(0)
-        done += 1
-        if progress is not None:
-            progress(done, total, f"{name} {coder_id}")
-        submit(coder_id)
+        outstanding[coder_id] -= 1
+        if outstanding[coder_id] == 0:
+            finish(coder_id)
     for t in judge:
         llm_task(t, run_dir, options)
         done += 1

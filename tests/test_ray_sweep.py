@@ -6,12 +6,24 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from judge_servers import FakeJudgeServer, Reply, Request, chat
 
 from bae_core.cache import iter_activation_batches
-from bae_core.interp import ExampleOptions, lexical_summary
+from bae_core.interp import ExampleOptions, coder_latent_scores, lexical_summary
+from bae_core.judge import JudgeConfig
+from bae_core.lm import load_model
 from bae_core.train import TrainConfig, Trainer
 from ray_jobs.cache_job import run_cache
-from ray_jobs.score_job import ABLATION_TABLE, CODERS_TABLE, DENSITY_TABLE, LATENTS_TABLE, run_score, summarize
+from ray_jobs.cli import main
+from ray_jobs.score_job import (
+    ABLATION_TABLE,
+    CODERS_TABLE,
+    DENSITY_TABLE,
+    LATENTS_TABLE,
+    ScoreOptions,
+    run_score,
+    summarize,
+)
 from ray_jobs.spec import SpecError, parse_spec
 from ray_jobs.sweep_job import TRIALS_TABLE, run_sweep
 
@@ -53,7 +65,9 @@ def mtimes_of(folder) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
 
 
-def test_grid_sweep_trains_every_combination_and_writes_the_trials_table(local_ray, cache_root, tmp_path, make_spec):
+def test_grid_sweep_trains_every_combination_and_writes_the_trials_table(
+    local_ray, cache_root, tmp_path, make_spec, capsys
+):
     spec = parse_spec(make_spec(tmp_path / "run", cache_root))
     results = run_sweep(spec, quiet=True)
     assert len(results) == 4 and all(r.error is None for r in results)
@@ -98,7 +112,10 @@ def test_grid_sweep_trains_every_combination_and_writes_the_trials_table(local_r
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "run" / TRIALS_TABLE), trials)
 
     # `bae score` scores each trial's coder and the MLP-neuron baseline into latents.parquet; again, nothing new.
-    latents = run_score(str(tmp_path / "run"), min_examples=5, fidelity_tokens=128, ablation_bins=2)
+    # Slices of 500 latents: each coder's 1152 latents are scored by 3 Ray tasks.
+    latents = run_score(
+        str(tmp_path / "run"), min_examples=5, fidelity_tokens=128, ablation_bins=2, latents_per_task=500
+    )
     assert len(latents) == 4 * 1152 + 1536
     assert set(latents["coder_id"]) == {f"trial-{t}" for t in trials["trial_id"]} | {"neurons-layers.3.mlp-k8"}
     assert {"latent", "firing_count", "firing_rate", "eligible", "explanation", "token_auroc", "window_auroc"} <= set(
@@ -113,6 +130,20 @@ def test_grid_sweep_trains_every_combination_and_writes_the_trials_table(local_r
         *(f"trial-{t}" for t in trials.loc[trials["activation"] == "topk", "trial_id"]),
     ]:
         assert latents.loc[latents["coder_id"] == coder_id, "firing_count"].sum() == 8 * 2048
+    # Slicing changes nothing: one coder's rows equal those of the in-process scorer on all its latents at once.
+    row = trials.iloc[0]
+    whole = pd.DataFrame(
+        coder_latent_scores(
+            Trainer.load_checkpoint(row["checkpoint"]).coder,
+            str(cache_root),
+            "layers.3.mlp",
+            ExampleOptions(min_examples=5),
+            decode=load_model().tokenizer.decode,
+        )
+    )
+    sliced = latents[latents["coder_id"] == f"trial-{row['trial_id']}"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(sliced[whole.columns], whole, check_dtype=False)
+    assert not (tmp_path / "run" / "scores" / f"trial-{row['trial_id']}").exists()  # slice files merged
     coders = pd.read_parquet(tmp_path / "run" / CODERS_TABLE)
     assert len(coders) == 5 and (coders["alive"] <= coders["latents"]).all() and (coders["eligible"] > 0).all()
     pd.testing.assert_frame_equal(
@@ -138,6 +169,32 @@ def test_grid_sweep_trains_every_combination_and_writes_the_trials_table(local_r
     assert ablation.groupby("coder_id")["bin"].max().max() <= 1
     density = pd.read_parquet(tmp_path / "run" / DENSITY_TABLE)
     assert (density.groupby("coder_id")["latents"].sum().loc[coders["coder_id"]].to_numpy() == coders["latents"]).all()
+
+    # The LLM judge path (--judge llm) against an OpenAI-compatible server on loopback that answers "yes" to
+    # every window: on balanced test windows that is balanced accuracy 0.5 exactly, with no failed prompt.
+    def always_yes(request: Request) -> Reply:
+        return chat("[EXPLANATION]: a test") if request.kind == "explain" else chat(str([1] * len(request.examples)))
+
+    run = str(tmp_path / "run")
+    with FakeJudgeServer(always_yes) as server:
+        config = JudgeConfig(base_url=server.base_url, model="fake", cache_dir=str(tmp_path / "llm-cache"))
+        options = ScoreOptions.from_run(run, min_examples=5, judge="llm", llm=config, llm_latents=3)
+        judged = run_score(run, options)
+        assert server.kinds["explain"] == 5 * 3 and server.kinds["detection"] == server.kinds["fuzzing"] > 0
+        requests = server.requests
+        run_score(run, options)  # everything is on disk: no request
+        assert server.requests == requests
+    judged = judged[judged["llm_prompts"].notna()]
+    assert judged.groupby("coder_id").size().tolist() == [3] * 5 and judged["eligible"].all()
+    assert (judged["detection_balanced_accuracy"] == 0.5).all() and (judged["fuzzing_balanced_accuracy"] == 0.5).all()
+    assert (judged["llm_failed_prompts"] == 0).all() and (judged["judge_model"] == "fake").all()
+    assert (judged["llm_explanation"] == "a test").all() and judged["prompt_version"].notna().all()
+    coders = pd.read_parquet(tmp_path / "run" / CODERS_TABLE)
+    assert (coders["detection_balanced_accuracy"] == 0.5).all() and (coders["llm_failed_fraction"] == 0).all()
+    # Without a judge server configured, `bae score --judge llm` says what is missing before anything runs.
+    os.environ.pop("BAE_JUDGE_BASE_URL", None)
+    assert main(["score", run, "--judge", "llm", "--llm-model", "m"]) == 2
+    assert "BAE_JUDGE_BASE_URL" in capsys.readouterr().err
 
     scored = {d: mtimes_of(tmp_path / "run" / d) for d in ("scores", "evaluation")}
     run_score(str(tmp_path / "run"), min_examples=5, fidelity_tokens=128, ablation_bins=2)
