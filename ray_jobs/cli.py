@@ -413,6 +413,12 @@ def add_score_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-windows", type=int, default=None, help="activating test windows per latent (50)")
     p.add_argument("--fidelity-tokens", type=int, default=None, help="held-out tokens for the spliced CE (16384)")
     p.add_argument("--ablation-bins", type=int, default=None, help="bins of the ablation by score; 0 skips it (5)")
+    p.add_argument(
+        "--lm-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="the language model's precision for fidelity and ablation (float32)",
+    )
     p.add_argument("--seed", type=int, default=None)
     llm = p.add_argument_group("LLM judge (--judge llm), any OpenAI-compatible chat-completions server")
     llm.add_argument(
@@ -469,6 +475,7 @@ def run_score_cmd(args: argparse.Namespace) -> int:
         test_windows=args.test_windows,
         fidelity_tokens=args.fidelity_tokens,
         ablation_bins=args.ablation_bins,
+        lm_dtype=args.lm_dtype,
         seed=args.seed,
         judge=args.judge,
         llm=_judge_config(args, run) if args.judge == "llm" else None,

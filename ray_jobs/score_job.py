@@ -67,6 +67,8 @@ class ScoreOptions:
     fidelity_tokens: int = 16384
     ablation_bins: int = 5
     lm_batch_size: int = 8
+    lm_dtype: str = "float32"
+    """The language model's precision for fidelity and ablation."""
     judge: str = "lexical"
     llm: object | None = field(default=None, repr=False)
     """A `bae_core.judge.JudgeConfig` when `judge` is llm."""
@@ -85,6 +87,8 @@ class ScoreOptions:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.ablation_bins < 0:
             raise ValueError(f"ablation_bins: must be >= 0 (0 skips the ablation), got {self.ablation_bins}")
+        if self.lm_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"lm_dtype: choose float32, bfloat16 or float16, got {self.lm_dtype!r}")
         if self.min_examples is not None and self.min_examples < 1:
             raise ValueError(f"min_examples: must be >= 1, got {self.min_examples}")
 
@@ -97,7 +101,7 @@ class ScoreOptions:
         if fs.get_file_info(path).type.name != "NotFound":
             with fs.open_input_stream(path) as f:
                 spec = json.loads(f.read().decode()).get("scoring") or {}
-        names = ("min_examples", "test_windows", "fidelity_tokens", "ablation_bins", "lm_batch_size")
+        names = ("min_examples", "test_windows", "fidelity_tokens", "ablation_bins", "lm_batch_size", "lm_dtype")
         values = {k: spec[k] for k in names if spec.get(k) is not None}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -139,12 +143,15 @@ def plan(run_dir: str) -> list[ScoreTask]:
 # ---- the tasks ------------------------------------------------------------------------------------------------
 
 
-def _load_model(cache: str):
+def _load_model(cache: str, dtype: str = "float32"):
+    import torch
+
     from bae_core.cache import open_cache
     from bae_core.lm import EMBEDDED_MODEL, load_model
 
     manifest = open_cache(cache)
-    return load_model(manifest.model, revision=None if manifest.model == EMBEDDED_MODEL else manifest.revision)
+    revision = None if manifest.model == EMBEDDED_MODEL else manifest.revision
+    return load_model(manifest.model, revision=revision, dtype=getattr(torch, dtype))
 
 
 def lexical_task(task: ScoreTask, run_dir: str, options: ScoreOptions, start: int = 0, stop: int | None = None) -> str:
@@ -230,7 +237,7 @@ def evaluation_task(task: ScoreTask, run_dir: str, options: ScoreOptions) -> dic
     from bae_core.fidelity import ablation_by_score, spliced_fidelity
     from bae_core.lm import resolve_hookpoints
 
-    loaded = _load_model(task.cache)
+    loaded = _load_model(task.cache, options.lm_dtype)
     (hook,) = resolve_hookpoints(loaded, [task.hookpoint])
     coder = SparseCoder.load(task.checkpoint)
     ids = torch.from_numpy(fidelity_tokens(task.cache, task.hookpoint, options.fidelity_tokens))

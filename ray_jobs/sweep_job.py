@@ -50,6 +50,7 @@ RESUMABLE_CHANGES = (
     "scoring.fidelity_tokens",
     "scoring.ablation_bins",
     "scoring.lm_batch_size",
+    "scoring.lm_dtype",
 )
 
 

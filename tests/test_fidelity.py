@@ -68,6 +68,15 @@ def test_identity_coder_has_fvu_zero_and_no_loss_increase(loaded, token_ids):
     )
 
 
+def test_bfloat16_model_gives_nearly_the_same_losses(loaded, token_ids):
+    (hook,) = resolve_hookpoints(loaded, ["layers.3.mlp"])
+    half = load_model(dtype=torch.bfloat16)
+    fp32 = spliced_fidelity(loaded, hook, {"identity": identity_sae(loaded.d_model)}, token_ids)["identity"]
+    bf16 = spliced_fidelity(half, hook, {"identity": identity_sae(loaded.d_model)}, token_ids)["identity"]
+    assert abs(bf16.ce_increase) < 1e-3 and bf16.ce_clean == pytest.approx(fp32.ce_clean, abs=0.05)
+    assert bf16.ce_zero_ablated == pytest.approx(fp32.ce_zero_ablated, abs=0.05)
+
+
 @pytest.mark.parametrize("kind", ["sae", "skip_transcoder"])
 def test_a_coder_that_outputs_zero_recovers_no_loss(loaded, token_ids, kind):
     (hook,) = resolve_hookpoints(loaded, ["layers.3.mlp"])

@@ -92,6 +92,12 @@ def test_trial_settings_combine_fixed_and_searched_values():
         ({"space": {"hookpoint": ["layers.4.mlp"]}}, r"space\.hookpoint: layers\.4\.mlp not in cache\.hookpoints"),
         ({"training": {"checkpoint_every": 50}}, r"training\.checkpoint_every: 50 is more than training\.steps \(20\)"),
         ({"resources": {"workers": 3}}, r"training\.batch_size: 64 does not split evenly over resources\.workers=3"),
+        (
+            {"search": {"objectives": {"fvu": "min", "lexical_auroc": "max"}}, "scoring": {"trial_latents": 0}},
+            r"scoring\.trial_latents: search\.objectives names lexical_auroc, .*give it a positive number",
+        ),
+        ({"scoring": {"lm_dtype": "int8"}}, r"scoring\.lm_dtype: Input should be 'float32', 'bfloat16' or 'float16'"),
+        ({"scoring": {"ablation_bin": 3}}, r"scoring\.ablation_bin: unknown setting; allowed: trial_latents"),
     ],
 )
 def test_bad_spec_names_the_field(change, pattern):
