@@ -4,7 +4,7 @@
     bae cache      capture language-model activations into parquet shards with a Ray Data actor pool
     bae train      train one coder on one hookpoint of a cache with Ray Train (data-parallel, resumable)
     bae sweep      run a sweep spec (sweeps/*.yaml) with Ray Tune: grid or Optuna, resumable
-    bae score      the lexical interpretability score of every coder of a sweep, with the neuron baseline
+    bae score      interpretability (lexical or LLM judge), fidelity, density and ablation of every coder of a sweep
 
 Each subcommand imports what it needs when it runs, so `bae --help` stays fast.
 """

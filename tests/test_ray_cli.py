@@ -106,6 +106,22 @@ def test_sweep_whose_driver_is_killed_resumes_without_retraining_finished_trials
         files = {p: t for p, t in checkpoints.items() if p.startswith(f"{trial_dir}/")}
         assert files and files == mtimes(trial_dir, "*.safetensors")
 
+    # `bae score`, killed once its first files are written, resumes and keeps them.
+    score = ["bae", "score", str(run), "--min-examples", "5", "--fidelity-tokens", "64", "--ablation-bins", "2"]
+    first = subprocess.Popen(
+        score, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    kill_when(first, lambda: any((run / "scores").glob("*.parquet")), "score file")
+    written = mtimes(run / "scores", "*.parquet")
+    again = subprocess.run(score, env=env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "lexical explainability (token/bigram rules)" in again.stdout and "CE+" in again.stdout
+    assert {p: t for p, t in mtimes(run / "scores", "*.parquet").items() if p in written} == written
+    latents = pd.read_parquet(run / "latents.parquet")
+    coders = pd.read_parquet(run / "coders.parquet")
+    assert set(latents["coder_id"]) == set(coders["coder_id"]) and len(coders) == 4 + 1  # and the baseline
+    assert coders["ce_increase"].notna().sum() == 4 and (coders["fidelity_tokens"].dropna() == 2 * 31).all()
+
 
 def test_cache_killed_part_way_resumes_and_keeps_the_shards_it_wrote(tmp_path):
     root = tmp_path / "cache"
