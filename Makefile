@@ -36,7 +36,7 @@ test: lint
 	$(BIN)/pytest
 
 quickstart: $(STAMP)
-	$(BIN)/bae synth --regime binary --activations topk,binary_topk,jumprelu --kinds sae,skip_transcoder
+	$(BIN)/bae study sweeps/quickstart.yaml
 
 bench: $(DEV_STAMP)
 	$(BIN)/python benchmarks/train_throughput.py

@@ -4,6 +4,8 @@
     bae cache      capture language-model activations into parquet shards with a Ray Data actor pool
     bae train      train one coder on one hookpoint of a cache with Ray Train (data-parallel, resumable)
     bae sweep      run a sweep spec (sweeps/*.yaml) with Ray Tune: grid or Optuna, resumable
+    bae study      the whole study of a spec: sweep, score, report (`make quickstart`)
+    bae report     the frontier table and a Markdown report with plots and the paper's claims, for a scored run
     bae score      interpretability (lexical or LLM judge), fidelity, density and ablation of every coder of a sweep
 
 Each subcommand imports what it needs when it runs, so `bae --help` stays fast.
@@ -535,6 +537,85 @@ def format_coders(coders) -> str:
     )
 
 
+def add_study_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "study",
+        help="the whole study of a sweep spec: bae sweep, then bae score, then bae report (each resumes)",
+        description="Run (or resume) the sweep of SPEC, score every coder (lexical judge, fidelity, density, "
+        "ablation), and write the frontier table and the report. Each step keeps what an earlier, interrupted "
+        "run finished. `make quickstart` runs it on sweeps/quickstart.yaml.",
+    )
+    p.add_argument("spec", help="a YAML sweep spec, e.g. sweeps/quickstart.yaml")
+    p.add_argument("--output", default=None, help="run folder (local path or URI); overrides the spec's output")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--out", default=None, help="folder of the report (default: RUN/report)")
+    p.set_defaults(func=run_study_cmd)
+
+
+def run_study_cmd(args: argparse.Namespace) -> int:
+    from ray_jobs.runtime import storage_path
+    from ray_jobs.spec import load_spec
+
+    spec = load_spec(args.spec)
+    run = storage_path(args.output or spec.run_dir)
+    start = time.perf_counter()
+    steps = (
+        ("sweep", run_sweep_cmd, {"spec": args.spec, "output": args.output, "dry_run": False, "quiet": False}),
+        ("score", run_score_cmd, {"run": run, **SCORE_DEFAULTS}),
+        ("report", run_report_cmd, {"run": run, "out": args.out}),
+    )
+    for i, (name, command, values) in enumerate(steps, 1):
+        print(f"[{i}/3] {name} ({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
+        rc = command(argparse.Namespace(address=args.address, **values))
+        if rc:
+            print(f"bae study: `bae {name}` failed (exit {rc}); fix it and run the same command again to resume")
+            return rc
+    print(f"study done in {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+SCORE_DEFAULTS = {
+    "judge": "lexical",
+    "min_examples": None,
+    "test_windows": None,
+    "fidelity_tokens": None,
+    "ablation_bins": None,
+    "lm_dtype": None,
+    "seed": None,
+    "llm_latents": 50,
+}
+"""`bae score`'s options when `bae study` runs it: the spec's `scoring` section decides."""
+
+
+def add_report_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="write the frontier table and a Markdown report with plots for a scored run (no Ray needed)",
+        description="From RUN/trials.parquet and the tables `bae score` wrote: RUN/frontier.parquet (the Pareto "
+        "frontier of reconstruction against interpretability per coder family), and RUN/report/report.md with "
+        "its PNG figures: the frontier, firing-rate histograms, firing rate vs score, the ablation by score, "
+        "training curves, the coders' table and the paper's claims checked on this run's numbers.",
+    )
+    p.add_argument("run", help="a run folder scored by `bae score`")
+    p.add_argument("--out", default=None, help="folder of the report (default: RUN/report)")
+    p.set_defaults(func=run_report_cmd)
+
+
+def run_report_cmd(args: argparse.Namespace) -> int:
+    from analysis import claims_table, load_run, write_report
+
+    path = write_report(args.run, args.out)
+    tables = load_run(args.run)
+    claims = claims_table(tables.coders, tables.latents)
+    print("the paper's claims on this run's numbers:")
+    for r in claims.itertuples():
+        print(f"  {r.verdict:<13} {r.claim}")
+    run = args.run.rstrip("/")
+    print(f"report: {path}")
+    print(f"tables: {run}/trials.parquet, {run}/latents.parquet, {run}/coders.parquet, {run}/frontier.parquet")
+    return 0
+
+
 def _known_widths(spec) -> dict[str, dict[str, int]] | None:
     """Hookpoint widths for a dry run: from the existing cache, else the model's config; validates names."""
     from bae_core.cache import load_manifest
@@ -573,6 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_sweep_parser(sub)
     add_score_parser(sub)
+    add_report_parser(sub)
+    add_study_parser(sub)
     return parser
 
 

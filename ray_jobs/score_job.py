@@ -35,6 +35,8 @@ LATENTS_TABLE = "latents.parquet"
 CODERS_TABLE = "coders.parquet"
 ABLATION_TABLE = "ablation.parquet"
 DENSITY_TABLE = "density.parquet"
+TRIAL_COLUMNS = ("fvu", "l0", "train_fvu", "eval_tokens", "num_latents", "expansion_factor", "seed", "steps", "model")
+"""Columns of trials.parquet repeated in coders.parquet."""
 SCORES_DIR = "scores"
 EVALUATION_DIR = "evaluation"
 LLM_DIR = "llm"
@@ -396,6 +398,11 @@ def write_tables(run_dir: str, tasks: list[ScoreTask] | None = None):
     fidelity = pd.DataFrame([{"coder_id": k, **v["fidelity"]} for k, v in evaluations.items()])
     if not fidelity.empty:
         coders = coders.merge(fidelity, on="coder_id", how="left")
+    # The trial's own held-out reconstruction and settings, so that the table stands alone.
+    with fs.open_input_file(f"{base}/{TRIALS_TABLE}") as f:
+        trials = pd.read_parquet(f)
+    kept = [c for c in TRIAL_COLUMNS if c in trials.columns and c not in coders.columns]
+    coders = coders.merge(trials[["trial_id", *kept]], on="trial_id", how="left")
     write_parquet_atomic(run_dir, CODERS_TABLE, coders)
     ablation = pd.DataFrame([{"coder_id": k, **row} for k, v in evaluations.items() for row in v["ablation"]])
     write_parquet_atomic(run_dir, ABLATION_TABLE, ablation)

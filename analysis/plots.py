@@ -1,0 +1,185 @@
+"""The report's figures (matplotlib, PNG), each from the run's tables.
+
+- `frontier`: reconstruction (FVU, spliced CE increase) against interpretability (unweighted and
+  frequency-weighted), one colour per coder family, each family's Pareto frontier drawn as a step line;
+- `firing_rates`: histograms of log10(firing rate), binary and continuous coders overlaid;
+- `rate_vs_score`: each latent's firing rate against its score, one panel per family;
+- `ablation`: the relative CE increase of ablating each bin of latents against the bin's mean score;
+- `training`: held-out-style FVU and dead fraction during training, one line per trial.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from analysis.frontier import BINARY_ACTIVATIONS, family  # noqa: E402
+
+FAMILY_COLOURS = {
+    "binary SAE": "#d62728",
+    "continuous SAE": "#1f77b4",
+    "binary transcoder": "#ff7f0e",
+    "continuous transcoder": "#2ca02c",
+}
+LABELS = {
+    "fvu": "held-out FVU (lower is better)",
+    "ce_increase": "spliced CE increase, nats (lower is better)",
+    "token_auroc": "mean token AUROC, unweighted",
+    "token_auroc_weighted": "mean token AUROC, frequency-weighted",
+}
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _with_family(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.copy()
+    frame["family"] = [family(a, k) for a, k in zip(frame["activation"], frame["kind"], strict=True)]
+    return frame
+
+
+def frontier(frontier_table: pd.DataFrame, path: Path, score_label: str) -> Path | None:
+    """One panel per (reconstruction, interpretability) pair of the frontier table."""
+    if frontier_table.empty:
+        return None
+    table = frontier_table[frontier_table["group"] != "all"]
+    pairs = list(table.groupby(["reconstruction_metric", "interpretability_metric"], sort=False).groups)
+    cols = 2
+    rows = int(np.ceil(len(pairs) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.5 * rows), squeeze=False)
+    for ax, (x, y) in zip(axes.flat, pairs, strict=False):
+        part = table[(table["reconstruction_metric"] == x) & (table["interpretability_metric"] == y)]
+        for fam, g in part.groupby("family", sort=True):
+            colour = FAMILY_COLOURS.get(fam)
+            ax.scatter(g["reconstruction"], g["interpretability"], color=colour, label=fam, s=36, alpha=0.85)
+            for r in g.itertuples():
+                ax.annotate(f"k={r.k}", (r.reconstruction, r.interpretability), fontsize=7, alpha=0.7)
+            front = g[g["on_frontier"]].sort_values("reconstruction")
+            if len(front) > 1:
+                ax.step(front["reconstruction"], front["interpretability"], where="post", color=colour, alpha=0.6)
+        ax.set_xlabel(LABELS.get(x, x))
+        ax.set_ylabel(LABELS.get(y, y))
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(pairs) :]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"Reconstruction vs interpretability ({score_label})", fontsize=10)
+    return _save(fig, path)
+
+
+def firing_rates(latents: pd.DataFrame, coders: pd.DataFrame, path: Path) -> Path | None:
+    """log10 firing-rate histograms of every trained coder's latents, binary and continuous overlaid."""
+    trained = coders[coders["trial_id"].notna()]
+    if latents.empty or trained.empty:
+        return None
+    binary_ids = set(trained.loc[trained["activation"].isin(BINARY_ACTIVATIONS), "coder_id"])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    bins = np.linspace(-6, 0, 49)
+    for ax, kind in zip(axes, ("sae", "skip_transcoder"), strict=True):
+        ids = set(trained.loc[trained["kind"] == kind, "coder_id"])
+        shown = False
+        for name, chosen, colour in (
+            ("binary", ids & binary_ids, "#d62728"),
+            ("continuous", ids - binary_ids, "#1f77b4"),
+        ):
+            rates = latents.loc[latents["coder_id"].isin(chosen), "firing_rate"].to_numpy(dtype=float)
+            if len(rates) == 0:
+                continue
+            alive = rates[rates > 0]
+            label = f"{name} ({len(chosen)} coders; dead: {int((rates == 0).sum())} of {len(rates)})"
+            ax.hist(np.log10(alive), bins=bins, alpha=0.5, color=colour, label=label)
+            shown = True
+        for cut, text in ((-2, "1%"), (-1, "10%")):
+            ax.axvline(cut, color="grey", linestyle="--", linewidth=0.8)
+            ax.text(cut, ax.get_ylim()[1] * 0.95, text, fontsize=8, ha="right")
+        ax.set_title("SAE" if kind == "sae" else "skip transcoder")
+        ax.set_xlabel("log10 firing rate on held-out tokens")
+        ax.set_ylabel("latents")
+        if shown:
+            ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def rate_vs_score(latents: pd.DataFrame, coders: pd.DataFrame, path: Path, score_label: str) -> Path | None:
+    """Each eligible latent's firing rate against its token AUROC, one panel per family."""
+    trained = _with_family(coders[coders["trial_id"].notna()])
+    if latents.empty or trained.empty:
+        return None
+    scored = latents[latents["eligible"].astype(bool)].merge(trained[["coder_id", "family"]], on="coder_id")
+    families = [f for f in FAMILY_COLOURS if f in set(scored["family"])]
+    if not families:
+        return None
+    fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 4), squeeze=False, sharey=True)
+    for ax, fam in zip(axes.flat, families, strict=True):
+        g = scored[scored["family"] == fam]
+        ax.scatter(np.log10(g["firing_rate"]), g["token_auroc"], s=3, alpha=0.3, color=FAMILY_COLOURS[fam])
+        ax.axvline(-2, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_title(fam, fontsize=9)
+        ax.set_xlabel("log10 firing rate")
+        ax.grid(alpha=0.3)
+    axes.flat[0].set_ylabel(f"token AUROC ({score_label})", fontsize=8)
+    return _save(fig, path)
+
+
+def ablation(ablation_table: pd.DataFrame, coders: pd.DataFrame, path: Path) -> Path | None:
+    """Relative CE increase of ablating each bin against its mean score, one line per coder."""
+    if ablation_table.empty:
+        return None
+    table = ablation_table.merge(_with_family(coders[coders["trial_id"].notna()]), on="coder_id", how="left")
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    labelled = set()
+    for _, g in table.groupby("coder_id", sort=False):
+        fam = g["family"].iloc[0]
+        g = g.sort_values("mean_score")
+        ax.plot(
+            g["mean_score"],
+            g["relative_ce_increase"],
+            marker="o",
+            color=FAMILY_COLOURS.get(fam),
+            alpha=0.7,
+            label=None if fam in labelled else fam,
+        )
+        labelled.add(fam)
+    ax.set_xlabel("mean token AUROC of the bin's latents")
+    ax.set_ylabel("relative CE increase when the bin is ablated")
+    ax.set_title("Ablation by interpretability (bins of equal firing mass)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def training(curves: pd.DataFrame, trials: pd.DataFrame, path: Path) -> Path | None:
+    """FVU and dead fraction against training steps, one line per trial, coloured by family."""
+    if curves.empty:
+        return None
+    curves = curves.merge(_with_family(trials)[["trial_id", "family", "k"]], on="trial_id")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, metric in zip(axes, ("fvu", "dead_fraction"), strict=True):
+        labelled = set()
+        for _, g in curves.groupby("trial_id", sort=False):
+            fam = g["family"].iloc[0]
+            ax.plot(
+                g["steps"],
+                g[metric],
+                marker=".",
+                color=FAMILY_COLOURS.get(fam),
+                alpha=0.7,
+                label=None if fam in labelled else fam,
+            )
+            labelled.add(fam)
+        ax.set_xlabel("training step")
+        ax.set_ylabel({"fvu": "FVU (last point: held-out)", "dead_fraction": "dead fraction"}[metric])
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    return _save(fig, path)

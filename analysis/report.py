@@ -1,0 +1,193 @@
+"""`bae report RUN`: one self-contained Markdown report of a scored run, with its figures beside it.
+
+RUN/frontier.parquet          the frontier table (written here, next to trials and latents)
+RUN/report/report.md          the report: what was run, what the score means, the claims table, the tables
+RUN/report/*.png              the figures it shows (analysis.plots)
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from analysis import plots
+from analysis.claims import claims_table
+from analysis.frontier import family, frontier_table
+from analysis.run import FRONTIER_TABLE, load_run, training_curves
+from bae_core.cache import open_filesystem, write_bytes_atomic
+from bae_core.lexical import LABEL
+
+REPORT_DIR = "report"
+FRONTIER_COLUMNS = ["reconstruction_metric", "reconstruction", "interpretability_metric", "interpretability"]
+
+
+def _markdown(frame: pd.DataFrame, floats: str = "{:.3f}") -> str:
+    """A DataFrame as a GitHub-flavoured Markdown table (no extra dependency)."""
+    if frame.empty:
+        return "_(none)_"
+
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return "–" if math.isnan(v) else floats.format(v)
+        return str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _coders_summary(coders: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for r in coders.itertuples():
+        trained = isinstance(r.trial_id, str)
+        rows.append(
+            {
+                "dictionary": family(r.activation, r.kind) if trained else "MLP neurons, top-k (baseline)",
+                "k": r.k,
+                "hookpoint": r.hookpoint,
+                "FVU": getattr(r, "fvu", math.nan) if trained else math.nan,
+                "CE increase": getattr(r, "ce_increase", math.nan),
+                "loss recovered": getattr(r, "loss_recovered", math.nan),
+                "dead": r.dead_fraction,
+                "> 1%": r.frequent_fraction,
+                "> 10%": r.dense_fraction,
+                "coverage": r.coverage,
+                "AUROC": r.token_auroc,
+                "AUROC (freq-weighted)": r.token_auroc_weighted,
+                "shuffled": r.shuffled_token_auroc,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def write_report(run_dir: str, out_dir: str | None = None) -> Path:
+    """Write RUN/frontier.parquet and the report (RUN/report/report.md and its PNGs, or under `out_dir`);
+    returns the report's path. Needs a local report folder (the run folder itself may be a URI)."""
+    tables = load_run(run_dir)
+    if not tables.scored:
+        raise ValueError(f"run {run_dir}: no coders.parquet yet; run `bae score {run_dir}` first")
+    frontier = frontier_table(tables.coders)
+    buffer = io.BytesIO()
+    frontier.to_parquet(buffer, index=False)
+    fs, base = open_filesystem(run_dir)
+    write_bytes_atomic(fs, f"{base}/{FRONTIER_TABLE}", buffer.getvalue())
+
+    out = Path(out_dir) if out_dir else Path(run_dir) / REPORT_DIR
+    if "://" in str(out):
+        raise ValueError(f"out_dir: the report is written to a local folder, got {out}; pass --out")
+    out.mkdir(parents=True, exist_ok=True)
+    coders, latents, trials = tables.coders, tables.latents, tables.trials
+    figures = {
+        "frontier": plots.frontier(frontier, out / "frontier.png", LABEL),
+        "firing rates": plots.firing_rates(latents, coders, out / "firing_rates.png"),
+        "firing rate vs score": plots.rate_vs_score(latents, coders, out / "rate_vs_score.png", LABEL),
+        "ablation by score": plots.ablation(tables.ablation, coders, out / "ablation.png"),
+        "training": plots.training(training_curves(trials), trials, out / "training.png"),
+    }
+    claims = claims_table(coders, latents)
+    text = _render(run_dir, tables, frontier, claims, figures)
+    path = out / "report.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def _heldout_tokens(latents: pd.DataFrame) -> str:
+    """Tokens the firing rates were counted on: a firing latent's count over its rate."""
+    alive = latents[latents["firing_rate"] > 0] if not latents.empty else latents
+    return f"{round(alive['firing_count'].iloc[0] / alive['firing_rate'].iloc[0]):,}" if len(alive) else ""
+
+
+def _render(run_dir, tables, frontier, claims, figures) -> str:
+    trials, coders = tables.trials, tables.coders
+    finished = trials[trials["status"] == "finished"]
+    first = finished.iloc[0] if len(finished) else trials.iloc[0]
+    settings = {
+        "model": first.get("model"),
+        "revision": first.get("revision"),
+        "dataset": first.get("dataset"),
+        "hookpoints": ", ".join(sorted(finished["hookpoint"].unique())),
+        "trials": f"{len(finished)} finished of {len(trials)}",
+        "training": f"{int(first['steps'])} steps, {int(first['tokens']):,} tokens per coder"
+        if "tokens" in first
+        else "",
+        "held-out tokens (scores, density)": _heldout_tokens(tables.latents),
+        "spliced-loss tokens": f"{int(coders['fidelity_tokens'].dropna().iloc[0]):,}"
+        if "fidelity_tokens" in coders and coders["fidelity_tokens"].notna().any()
+        else "",
+        "code version": first.get("code_version"),
+    }
+    on_front = frontier[(frontier["group"] == "all") & frontier["on_frontier"]] if not frontier.empty else frontier
+    parts = [
+        f"# Report: {Path(str(run_dir)).name}",
+        "",
+        "\n".join(f"- **{k}**: {v}" for k, v in settings.items() if v not in (None, "")),
+        "",
+        "## What the interpretability score is, and is not",
+        "",
+        f"Every interpretability number here is **{LABEL}**: for each latent, up to 8 token and bigram rules are "
+        "chosen on explain windows, and the score is the AUROC with which those rules predict the latent's firing "
+        "on test windows from other documents (0.5 = chance, 1 = perfectly predicted). It needs no LLM and is "
+        "deterministic. It is a proxy, not the paper's LLM judge: it under-scores latents that track context "
+        "rather than tokens. The shuffled control (firing moved to random windows) should sit at 0.5, and the "
+        "MLP's own neurons made sparse at the same k are the baseline dictionary. Frequency-weighted scores weight "
+        "each latent by its firing count, so frequent latents dominate them.",
+        "",
+        "## The paper's claims, on this run's numbers",
+        "",
+        "Comparisons are between coders that differ only in the compared property (same hookpoint, kind, k, "
+        "dictionary size and seed). A claim agrees when every matched pair points the paper's way.",
+        "",
+        _markdown(claims[["claim", "verdict", "measured", "paper"]]),
+        "",
+        "## Coders",
+        "",
+        "Density and scores on held-out tokens; CE increase and loss recovered with the coder spliced into the model.",
+        "",
+        _markdown(_coders_summary(coders)),
+        "",
+        "## Frontier",
+        "",
+    ]
+    if figures.get("frontier"):
+        parts += ["![frontier](frontier.png)", ""]
+    parts += [
+        "Coders on the Pareto frontier of the whole run (no other coder has both lower error and a higher score):",
+        "",
+        _markdown(on_front[["family", "k", *FRONTIER_COLUMNS]]) if not on_front.empty else "_(not measured)_",
+        "",
+    ]
+    captions = {
+        "firing rates": "Firing rates: how often each latent fires on held-out tokens. Latents right of the 1% "
+        "line are the ultra-high-frequency ones the paper discusses.",
+        "firing rate vs score": "Firing rate against score, latent by latent.",
+        "ablation by score": "Ablation by score: latents sorted by score and cut into bins of equal firing mass; "
+        "each bin zero-ablated inside the spliced coder.",
+        "training": "Training: FVU and dead fraction at each checkpoint (the last point is the held-out FVU).",
+    }
+    for name, caption in captions.items():
+        figure = figures.get(name)
+        parts += [f"## {name.capitalize()}", "", caption, ""]
+        parts += [f"![{name}]({figure.name})", ""] if figure else ["_(no data)_", ""]
+    if not tables.ablation.empty:
+        table = tables.ablation.merge(coders[["coder_id", "activation", "kind", "k"]], on="coder_id")
+        table["coder"] = [
+            f"{family(a, kind)} k={k}"
+            for a, kind, k in zip(table["activation"], table["kind"], table["k"], strict=True)
+        ]
+        parts += [
+            _markdown(table[["coder", "bin", "latents", "mean_score", "relative_ce_increase"]]),
+            "",
+        ]
+    parts += [
+        "## Tables",
+        "",
+        "Load them with pandas: `analysis.load_run(path)` returns `trials`, `latents`, `coders`, `frontier`, "
+        "`ablation` and `density`, or read the parquet files in the run folder directly.",
+        "",
+    ]
+    return "\n".join(parts)
