@@ -50,8 +50,19 @@ def coder_activations(
         manifest=manifest,
     ):
         x = batch[0] if isinstance(batch, tuple) else batch
-        z = coder.encode(x.to(coder.device, coder.dtype)).to_dense(coder.num_latents)
-        parts.append(sp.csr_matrix(z.float().cpu().numpy()))
+        code = coder.encode(x.to(coder.device, coder.dtype))
+        if code.indices is None:
+            parts.append(sp.csr_matrix(code.values.float().cpu().numpy()))
+            continue
+        # k entries per row: the CSR arrays directly, without a dense (tokens x latents) detour.
+        values, indices = code.values.float().cpu().numpy(), code.indices.cpu().numpy()
+        n, k = values.shape
+        part = sp.csr_matrix(
+            (values.reshape(-1), indices.reshape(-1), np.arange(0, n * k + 1, k)), shape=(n, coder.num_latents)
+        )
+        part.eliminate_zeros()
+        part.sort_indices()
+        parts.append(part)
     return sp.vstack(parts, format="csr")
 
 

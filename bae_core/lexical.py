@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 import numpy as np
-from scipy.stats import mannwhitneyu
+from scipy.stats import rankdata
 
 LABEL = "lexical explainability (token/bigram rules)"
 MAX_RULES = 8
@@ -71,6 +71,14 @@ def explain(tokens: np.ndarray, prev: np.ndarray, fires: np.ndarray, max_rules: 
     width = int(max(tokens.max(initial=0), prev.max(initial=0))) + 1
     bigram = np.where(has_prev, prev.astype(np.int64) * width + unigram, _NO_TOKEN)
 
+    # Each candidate's whole-split support and hits, once; each step only recounts what is not yet covered.
+    families = []
+    for keys, is_bigram in ((unigram, False), (bigram, True)):
+        valid = keys != _NO_TOKEN
+        values, inverse = np.unique(keys[valid], return_inverse=True)
+        hits = np.bincount(inverse, weights=fires[valid], minlength=len(values))
+        families.append((keys, is_bigram, valid, values, inverse, hits, fires[valid]))
+
     rules: list[Rule] = []
     covered = np.zeros_like(fires)
     tp = fp = 0
@@ -78,32 +86,26 @@ def explain(tokens: np.ndarray, prev: np.ndarray, fires: np.ndarray, max_rules: 
     for _ in range(max_rules):
         best = None
         free = ~covered
-        for keys, is_bigram in ((unigram, False), (bigram, True)):
-            ok = free & (keys != _NO_TOKEN)
-            values, inverse = np.unique(keys[ok], return_inverse=True)
+        for keys, is_bigram, valid, values, inverse, hits, valid_fires in families:
             if len(values) == 0:
                 continue
-            gain_hits = np.bincount(inverse, weights=fires[ok], minlength=len(values))
-            gain_all = np.bincount(inverse, minlength=len(values))
-            new_tp = tp + gain_hits
-            new_fp = fp + (gain_all - gain_hits)
-            f1 = 2 * new_tp / (positives + new_tp + new_fp)
-            # Hits on the whole explain split (the rule's own support), not only where it adds something.
-            candidates = np.flatnonzero(f1 > best_f1 + 1e-12)
-            for i in candidates[np.argsort(-f1[candidates], kind="stable")]:
-                match = keys == values[i]
-                hits = int((match & fires).sum())
-                if hits < MIN_HITS:
-                    continue
-                if best is None or f1[i] > best[0] + 1e-12:
-                    key = int(values[i])
-                    rule = (
-                        Rule(token=key % width, prev=key // width, support=int(match.sum()), hits=hits)
-                        if is_bigram
-                        else Rule(token=key, prev=None, support=int(match.sum()), hits=hits)
-                    )
-                    best = (float(f1[i]), rule, match)
-                break
+            free_valid = free[valid]
+            gain_all = np.bincount(inverse, weights=free_valid, minlength=len(values))
+            gain_hits = np.bincount(inverse, weights=free_valid & valid_fires, minlength=len(values))
+            f1 = 2 * (tp + gain_hits) / (positives + tp + gain_hits + fp + gain_all - gain_hits)
+            # A rule needs MIN_HITS hits on the whole explain split (its own support), not only where it adds.
+            f1[hits < MIN_HITS] = -np.inf
+            i = int(np.argmax(f1))
+            if f1[i] > best_f1 + 1e-12 and (best is None or f1[i] > best[0] + 1e-12):
+                key = int(values[i])
+                match = keys == key
+                support, n_hits = int(match.sum()), int(hits[i])
+                rule = (
+                    Rule(token=key % width, prev=key // width, support=support, hits=n_hits)
+                    if is_bigram
+                    else Rule(token=key, prev=None, support=support, hits=n_hits)
+                )
+                best = (float(f1[i]), rule, match)
         if best is None:
             break
         best_f1, rule, match = best
@@ -123,13 +125,15 @@ def simulate(rules: list[Rule], tokens: np.ndarray, prev: np.ndarray) -> np.ndar
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve (ties count one half): the Mann-Whitney U of the positives over n+ x n-.
-    NaN when either class is empty."""
+    """Area under the ROC curve (ties count one half): the Mann-Whitney U of the positives over n+ x n-, from
+    scipy's average ranks. NaN when either class is empty."""
     scores, labels = np.asarray(scores).reshape(-1), np.asarray(labels, dtype=bool).reshape(-1)
-    pos, neg = scores[labels], scores[~labels]
-    if len(pos) == 0 or len(neg) == 0:
+    positives = int(labels.sum())
+    negatives = len(labels) - positives
+    if positives == 0 or negatives == 0:
         return float("nan")
-    return float(mannwhitneyu(pos, neg, alternative="two-sided", method="asymptotic").statistic / (len(pos) * len(neg)))
+    u = rankdata(scores)[labels].sum() - positives * (positives + 1) / 2
+    return float(u / (positives * negatives))
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from scipy.stats import mannwhitneyu
 
 from bae_core.lexical import LABEL, Rule, auroc, explain, score_latent, shuffled_windows, simulate
 
@@ -19,6 +20,11 @@ def test_auroc_is_the_probability_a_positive_outscores_a_negative():
     assert auroc([0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1]) == 0.5  # ties count one half
     assert auroc([1, 2, 3], [0, 0, 1]) == 1.0 and auroc([3, 2, 1], [0, 0, 1]) == 0.0
     assert np.isnan(auroc([1, 2], [1, 1]))
+    # Many ties, as rule scores have: the same as scipy's Mann-Whitney U.
+    rng = np.random.default_rng(0)
+    scores, labels = rng.choice([0, 0.2, 0.5, 0.9], size=500), rng.random(500) < 0.3
+    u = mannwhitneyu(scores[labels], scores[~labels], alternative="two-sided", method="asymptotic").statistic
+    assert auroc(scores, labels) == pytest.approx(u / (labels.sum() * (~labels).sum()), rel=1e-12)
 
 
 def test_a_unigram_rule_has_laplace_precision_and_its_counts():
