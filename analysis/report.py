@@ -96,6 +96,13 @@ def write_report(run_dir: str, out_dir: str | None = None) -> Path:
     return path
 
 
+def _scale(trials: pd.DataFrame) -> str:
+    finished = trials[trials["status"] == "finished"]
+    seeds = finished["seed"].nunique() if "seed" in finished else 1
+    steps = int(finished["steps"].max()) if "steps" in finished and len(finished) else 0
+    return f"{len(finished)} coders, {seeds} seed{'s' if seeds != 1 else ''}, {steps} training steps"
+
+
 def _heldout_tokens(latents: pd.DataFrame) -> str:
     """Tokens the firing rates were counted on: a firing latent's count over its rate."""
     alive = latents[latents["firing_rate"] > 0] if not latents.empty else latents
@@ -140,7 +147,9 @@ def _render(run_dir, tables, frontier, claims, figures) -> str:
         "## The paper's claims, on this run's numbers",
         "",
         "Comparisons are between coders that differ only in the compared property (same hookpoint, kind, k, "
-        "dictionary size and seed). A claim agrees when every matched pair points the paper's way.",
+        "dictionary size and seed). A claim agrees when every matched pair points the paper's way. The verdicts "
+        f"state what this run's numbers show ({_scale(trials)}); a small run is a check of the pipeline, not "
+        "evidence for or against the paper.",
         "",
         _markdown(claims[["claim", "verdict", "measured", "paper"]]),
         "",

@@ -148,17 +148,17 @@ def test_dry_run_of_the_quickstart_lists_every_trial_with_its_size(capsys):
     assert "grid, 8 trials (1 x 8 combinations)" in out
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert len(rows) == 8
-    # hookpoint activation kind k latents parameters memory: 8x expansion of the 576-wide MLP input.
+    # hookpoint activation kind k latents parameters memory: 4x expansion of the 576-wide MLP input.
     assert {tuple(r[1:5]) for r in rows} == {
         ("layers.9.mlp", a, kind, k)
         for a in ("topk", "binary_topk")
         for kind in ("sae", "skip_transcoder")
         for k in ("16", "32")
     }
-    assert {r[5] for r in rows} == {"4,608"}
-    # SAE: 2 x 4608 x 576 + 4608 + 576 = 5.31M; the skip transcoder adds 576 x 576.
-    assert {r[6] for r in rows if r[3] == "sae"} == {"5.3M"} and {r[6] for r in rows if r[3] == "skip_transcoder"} == {
-        "5.6M"
+    assert {r[5] for r in rows} == {"2,304"}
+    # SAE: 2 x 2304 x 576 + 2304 + 576 = 2.66M; the skip transcoder adds 576 x 576.
+    assert {r[6] for r in rows if r[3] == "sae"} == {"2.7M"} and {r[6] for r in rows if r[3] == "skip_transcoder"} == {
+        "3.0M"
     }
 
 
