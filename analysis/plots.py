@@ -160,7 +160,9 @@ def ablation(ablation_table: pd.DataFrame, coders: pd.DataFrame, path: Path) -> 
 
 
 def training(curves: pd.DataFrame, trials: pd.DataFrame, path: Path) -> Path | None:
-    """FVU and dead fraction against training steps, one line per trial, coloured by family."""
+    """FVU and dead fraction against training steps, one line per trial coloured by family; the final held-out
+    values are separate crosses (the training dead fraction counts latents that never fired since the start, the
+    held-out one those that never fire on held-out tokens: not the same quantity)."""
     if curves.empty:
         return None
     curves = curves.merge(_with_family(trials)[["trial_id", "family", "k"]], on="trial_id")
@@ -169,17 +171,23 @@ def training(curves: pd.DataFrame, trials: pd.DataFrame, path: Path) -> Path | N
         labelled = set()
         for _, g in curves.groupby("trial_id", sort=False):
             fam = g["family"].iloc[0]
+            colour = FAMILY_COLOURS.get(fam)
+            train, heldout = g[g["split"] == "train"], g[g["split"] == "heldout"]
             ax.plot(
-                g["steps"],
-                g[metric],
+                train["steps"],
+                train[metric],
                 marker=".",
-                color=FAMILY_COLOURS.get(fam),
+                color=colour,
                 alpha=0.7,
                 label=None if fam in labelled else fam,
             )
+            ax.scatter(heldout["steps"], heldout[metric], marker="x", color=colour, s=40)
             labelled.add(fam)
         ax.set_xlabel("training step")
-        ax.set_ylabel({"fvu": "FVU (last point: held-out)", "dead_fraction": "dead fraction"}[metric])
+        ax.set_ylabel({"fvu": "FVU", "dead_fraction": "dead fraction"}[metric])
         ax.grid(alpha=0.3)
+    axes[0].scatter([], [], marker="x", color="black", label="held-out, at the end")
     axes[0].legend(fontsize=8)
+    axes[0].set_title("FVU: recent training batches (dots), held-out (x)", fontsize=9)
+    axes[1].set_title("dead fraction: never fired in training so far (dots), on held-out tokens (x)", fontsize=9)
     return _save(fig, path)

@@ -176,7 +176,7 @@ def _render(run_dir, tables, frontier, claims, figures) -> str:
         "firing rate vs score": "Firing rate against score, latent by latent.",
         "ablation by score": "Ablation by score: latents sorted by score and cut into bins of equal firing mass; "
         "each bin zero-ablated inside the spliced coder.",
-        "training": "Training: FVU and dead fraction at each checkpoint (the last point is the held-out FVU).",
+        "training": "Training: FVU and dead fraction at each checkpoint, and on held-out tokens at the end (crosses).",
     }
     for name, caption in captions.items():
         figure = figures.get(name)
