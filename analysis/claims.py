@@ -13,12 +13,12 @@ import math
 import numpy as np
 import pandas as pd
 
-from analysis.frontier import BINARY_ACTIVATIONS
+from bae_core.config import BINARY_ACTIVATIONS
+from bae_core.metrics import FREQUENT_RATE
 
 MATCH = ("hookpoint", "kind", "k", "num_latents", "seed")
 """What two coders must share to be compared as binary vs continuous."""
 AGREES, DISAGREES, MIXED, NOT_MEASURED = "agrees", "disagrees", "mixed", "not measured"
-FREQUENT_RATE = 0.01
 
 
 def _pairs(coders: pd.DataFrame, split: str, match: tuple[str, ...]) -> pd.DataFrame:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from bae_core.config import BINARY_ACTIVATIONS
+
 RECONSTRUCTION = ("fvu", "ce_increase")
 """Reconstruction error columns of `coders` (lower is better): held-out FVU and spliced CE increase (nats)."""
 INTERPRETABILITY = ("token_auroc", "token_auroc_weighted")
 """Interpretability columns (higher is better): the unweighted and frequency-weighted mean token AUROC."""
-BINARY_ACTIVATIONS = frozenset({"binary_topk", "binary_groupmax", "binary_threshold"})
 
 
 def family(activation: str, kind: str) -> str:

@@ -20,7 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis.frontier import BINARY_ACTIVATIONS, family  # noqa: E402
+from analysis.frontier import family  # noqa: E402
+from bae_core.config import BINARY_ACTIVATIONS  # noqa: E402
 
 FAMILY_COLOURS = {
     "binary SAE": "#d62728",

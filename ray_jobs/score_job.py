@@ -218,7 +218,7 @@ def _dictionary(task: ScoreTask) -> str:
     return "mlp_neurons" if task.checkpoint is None else f"{task.activation} {task.kind}"
 
 
-def fidelity_tokens(cache: str, hookpoint: str, tokens: int, split: str = "heldout") -> np.ndarray:
+def fidelity_sequences(cache: str, hookpoint: str, tokens: int, split: str = "heldout") -> np.ndarray:
     """Whole held-out sequences, evenly spaced over the split, holding about `tokens` tokens."""
     from bae_core.cache import open_cache
     from bae_core.interp import split_tokens
@@ -242,7 +242,7 @@ def evaluation_task(task: ScoreTask, run_dir: str, options: ScoreOptions) -> dic
     loaded = _load_model(task.cache, options.lm_dtype)
     (hook,) = resolve_hookpoints(loaded, [task.hookpoint])
     coder = SparseCoder.load(task.checkpoint)
-    ids = torch.from_numpy(fidelity_tokens(task.cache, task.hookpoint, options.fidelity_tokens))
+    ids = torch.from_numpy(fidelity_sequences(task.cache, task.hookpoint, options.fidelity_tokens))
     fidelity = spliced_fidelity(loaded, hook, {task.coder_id: coder}, ids, batch_size=options.lm_batch_size)
     result = {"coder_id": task.coder_id, "fidelity": fidelity[task.coder_id].summary(), "ablation": []}
     if options.ablation_bins:
