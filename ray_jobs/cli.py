@@ -467,7 +467,7 @@ def _judge_config(args: argparse.Namespace, run: str):
 
 def run_score_cmd(args: argparse.Namespace) -> int:
     from ray_jobs.runtime import connect, storage_path
-    from ray_jobs.score_job import CODERS_TABLE, LATENTS_TABLE, ScoreOptions, plan, run_score
+    from ray_jobs.score_job import CODERS_TABLE, LATENTS_TABLE, ScoreOptions, plan, read_table, run_score
 
     run = storage_path(args.run)
     tasks = plan(run)  # a missing or empty trials table is reported before Ray starts
@@ -491,18 +491,11 @@ def run_score_cmd(args: argparse.Namespace) -> int:
         print(f"  [{done}/{total}] {what} ({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
 
     latents = run_score(run, options, progress=progress)
-    import pandas as pd
-
-    fs_path = f"{run.rstrip('/')}/{CODERS_TABLE}"
-    from bae_core.cache import open_filesystem
-
-    fs, base = open_filesystem(run)
-    with fs.open_input_file(f"{base}/{CODERS_TABLE}") as f:
-        coders = pd.read_parquet(f)
+    coders = read_table(run, CODERS_TABLE)
     print(format_coders(coders))
     print(
         f"{len(latents)} latents of {len(coders)} dictionaries scored in {time.perf_counter() - start:.0f}s; "
-        f"tables: {run.rstrip('/')}/{LATENTS_TABLE}, {fs_path}"
+        f"tables: {run.rstrip('/')}/{LATENTS_TABLE}, {run.rstrip('/')}/{CODERS_TABLE}"
     )
     return 0
 

@@ -111,14 +111,12 @@ class ScoreOptions:
 
 def plan(run_dir: str) -> list[ScoreTask]:
     """The coders of a run's finished trials, then one neuron baseline per (cache, MLP hookpoint, k)."""
-    import pandas as pd
 
     fs, base = open_filesystem(run_dir)
     path = f"{base}/{TRIALS_TABLE}"
     if fs.get_file_info(path).type.name == "NotFound":
         raise ValueError(f"run {run_dir}: no {TRIALS_TABLE}; run `bae sweep` into this folder first")
-    with fs.open_input_file(path) as f:
-        trials = pd.read_parquet(f)
+    trials = read_table(run_dir, TRIALS_TABLE)
     finished = trials[trials["status"] == "finished"]
     if finished.empty:
         raise ValueError(f"run {run_dir}: {TRIALS_TABLE} has no finished trial to score")
@@ -204,12 +202,9 @@ def _merge_parts(run_dir: str, task: ScoreTask, slices: list[tuple[int, int | No
     """Join a dictionary's slice files into RUN/scores/<coder id>.parquet, then remove them."""
     import pandas as pd
 
-    fs, base = open_filesystem(run_dir)
-    frames = []
-    for start, _ in slices:
-        with fs.open_input_file(f"{base}/{_part(task.coder_id, start)}") as f:
-            frames.append(pd.read_parquet(f))
+    frames = [read_table(run_dir, _part(task.coder_id, start)) for start, _ in slices]
     write_parquet_atomic(run_dir, f"{SCORES_DIR}/{task.coder_id}.parquet", pd.concat(frames, ignore_index=True))
+    fs, base = open_filesystem(run_dir)
     fs.delete_dir_contents(f"{base}/{SCORES_DIR}/{task.coder_id}", missing_dir_ok=True)
     fs.delete_dir(f"{base}/{SCORES_DIR}/{task.coder_id}")
 
@@ -232,7 +227,6 @@ def fidelity_sequences(cache: str, hookpoint: str, tokens: int, split: str = "he
 def evaluation_task(task: ScoreTask, run_dir: str, options: ScoreOptions) -> dict:
     """Spliced fidelity of a trained coder and its ablation by lexical score; writes
     RUN/evaluation/<coder id>.json and returns its content."""
-    import pandas as pd
     import torch
 
     from bae_core.coder import SparseCoder
@@ -246,9 +240,8 @@ def evaluation_task(task: ScoreTask, run_dir: str, options: ScoreOptions) -> dic
     fidelity = spliced_fidelity(loaded, hook, {task.coder_id: coder}, ids, batch_size=options.lm_batch_size)
     result = {"coder_id": task.coder_id, "fidelity": fidelity[task.coder_id].summary(), "ablation": []}
     if options.ablation_bins:
-        fs, base = open_filesystem(run_dir)
-        with fs.open_input_file(f"{base}/{SCORES_DIR}/{task.coder_id}.parquet") as f:
-            scores = pd.read_parquet(f, columns=["latent", "token_auroc", "firing_count"]).sort_values("latent")
+        columns = ["latent", "token_auroc", "firing_count"]
+        scores = read_table(run_dir, f"{SCORES_DIR}/{task.coder_id}.parquet", columns).sort_values("latent")
         result["ablation"] = ablation_by_score(
             loaded,
             hook,
@@ -273,9 +266,7 @@ def llm_task(task: ScoreTask, run_dir: str, options: ScoreOptions) -> int:
     from bae_core.interp import ExampleOptions, llm_examples
     from bae_core.judge import judge_latents
 
-    fs, base = open_filesystem(run_dir)
-    with fs.open_input_file(f"{base}/{SCORES_DIR}/{task.coder_id}.parquet") as f:
-        lexical = pd.read_parquet(f, columns=["latent", "eligible"])
+    lexical = read_table(run_dir, f"{SCORES_DIR}/{task.coder_id}.parquet", ["latent", "eligible"])
     eligible = lexical.loc[lexical["eligible"], "latent"].to_numpy()
     rng = np.random.default_rng(options.seed)
     chosen = np.sort(rng.choice(eligible, min(options.llm_latents, len(eligible)), replace=False))
@@ -293,6 +284,15 @@ def llm_task(task: ScoreTask, run_dir: str, options: ScoreOptions) -> int:
 
 
 # ---- the driver ------------------------------------------------------------------------------------------------
+
+
+def read_table(run_dir: str, name: str, columns: list[str] | None = None):
+    """RUN/name (a parquet file, local or any pyarrow URI) as a DataFrame."""
+    import pandas as pd
+
+    fs, base = open_filesystem(run_dir)
+    with fs.open_input_file(f"{base}/{name}") as f:
+        return pd.read_parquet(f, columns=columns)
 
 
 def _missing(fs, base: str, folder: str, coder_id: str, suffix: str) -> bool:
@@ -382,11 +382,11 @@ def write_tables(run_dir: str, tasks: list[ScoreTask] | None = None):
     fs, base = open_filesystem(run_dir)
     frames, evaluations = [], {}
     for t in tasks:
-        with fs.open_input_file(f"{base}/{SCORES_DIR}/{t.coder_id}.parquet") as f:
-            frame = pd.read_parquet(f)
+        frame = read_table(run_dir, f"{SCORES_DIR}/{t.coder_id}.parquet")
         if not _missing(fs, base, LLM_DIR, t.coder_id, "parquet"):
-            with fs.open_input_file(f"{base}/{LLM_DIR}/{t.coder_id}.parquet") as f:
-                frame = frame.merge(pd.read_parquet(f), on=["coder_id", "latent"], how="left")
+            frame = frame.merge(
+                read_table(run_dir, f"{LLM_DIR}/{t.coder_id}.parquet"), on=["coder_id", "latent"], how="left"
+            )
         frames.append(frame)
         if not _missing(fs, base, EVALUATION_DIR, t.coder_id, "json"):
             with fs.open_input_stream(f"{base}/{EVALUATION_DIR}/{t.coder_id}.json") as f:
@@ -399,8 +399,7 @@ def write_tables(run_dir: str, tasks: list[ScoreTask] | None = None):
     if not fidelity.empty:
         coders = coders.merge(fidelity, on="coder_id", how="left")
     # The trial's own held-out reconstruction and settings, so that the table stands alone.
-    with fs.open_input_file(f"{base}/{TRIALS_TABLE}") as f:
-        trials = pd.read_parquet(f)
+    trials = read_table(run_dir, TRIALS_TABLE)
     kept = [c for c in TRIAL_COLUMNS if c in trials.columns and c not in coders.columns]
     coders = coders.merge(trials[["trial_id", *kept]], on="trial_id", how="left")
     write_parquet_atomic(run_dir, CODERS_TABLE, coders)
