@@ -190,3 +190,137 @@ def log_rate_histogram(
             for a, b, c in zip(edges[:-1], edges[1:], counts, strict=True)
         ]
     return pd.DataFrame(rows)
+
+
+# ---- uncertainty: bootstrap over latents, spread over seeds ------------------------------------------------------
+
+MIN_TEST_WINDOWS = 20
+"""A dictionary whose eligible latents have a median of fewer activating test windows than this is marked
+underpowered: each latent's score then rests on too few examples to mean much."""
+BOOTSTRAP_SAMPLES = 1000
+"""Bootstrap replicates behind every interval."""
+CONFIDENCE = 0.95
+
+
+def bootstrap_replicates(
+    latents: pd.DataFrame,
+    statistic: str,
+    score: str = "token_auroc",
+    *,
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = 0,
+) -> np.ndarray:
+    """`samples` bootstrap replicates of one dictionary's `statistic`, resampling its latents with replacement
+    within each hookpoint (stratified, so every replicate keeps the dictionary's hookpoints):
+
+    - "mean": the unweighted mean `score` over eligible latents;
+    - "weighted": the frequency-weighted mean (per hookpoint, weighted by firing count; then the mean over
+      hookpoints);
+    - "frequent_fraction": the fraction of all latents that fire on more than 1% of tokens;
+    - "frequent_gap": mean `score` of eligible latents firing on > 1% minus that of the other eligible latents.
+
+    NaN replicates where a replicate has nothing to average (e.g. no frequent latent drawn)."""
+    _require(latents, ["hookpoint", "firing_count", "firing_rate", "eligible", score])
+    rng = np.random.default_rng(seed)
+    groups = [g for _, g in latents.groupby("hookpoint", sort=True)]
+    if statistic == "weighted":
+        per_hook = [_replicates(g[g["eligible"].astype(bool)], "weighted", score, samples, rng) for g in groups]
+        return np.mean(per_hook, axis=0) if per_hook else np.full(samples, math.nan)
+    if statistic == "frequent_fraction":
+        sums = [_replicates(g, "frequent_count", score, samples, rng) for g in groups]
+        return np.sum(sums, axis=0) / len(latents)
+    if statistic in ("mean", "frequent_gap"):
+        parts = [_replicates(g[g["eligible"].astype(bool)], statistic, score, samples, rng) for g in groups]
+        num = np.sum([p[0] for p in parts], axis=0)
+        den = np.sum([p[1] for p in parts], axis=0)
+        if statistic == "mean":
+            return _ratio(num, den)
+        num_rest = np.sum([p[2] for p in parts], axis=0)
+        den_rest = np.sum([p[3] for p in parts], axis=0)
+        return _ratio(num, den) - _ratio(num_rest, den_rest)
+    raise ValueError(f"statistic: choose mean, weighted, frequent_fraction or frequent_gap, got {statistic!r}")
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), math.nan)
+
+
+def _replicates(g: pd.DataFrame, statistic: str, score: str, samples: int, rng, chunk: int = 100):
+    """Per replicate, the sums one hookpoint contributes (see `bootstrap_replicates`)."""
+    n = len(g)
+    s = g[score].to_numpy(dtype=float)
+    w = g["firing_count"].to_numpy(dtype=float)
+    frequent = g["firing_rate"].to_numpy(dtype=float) > FREQUENT_RATE
+    out = []
+    for start in range(0, samples, chunk):
+        b = min(chunk, samples - start)
+        draws = rng.integers(0, n, size=(b, n)) if n else np.zeros((b, 0), dtype=int)
+        if statistic == "weighted":
+            ws = w[draws]
+            out.append(_ratio((s[draws] * ws).sum(1), ws.sum(1)))
+        elif statistic == "frequent_count":
+            out.append(frequent[draws].sum(1).astype(float))
+        elif statistic == "mean":
+            out.append(np.stack([s[draws].sum(1), np.full(b, float(n))]))
+        else:  # frequent_gap
+            f = frequent[draws]
+            sd = s[draws]
+            out.append(np.stack([(sd * f).sum(1), f.sum(1), (sd * ~f).sum(1), (~f).sum(1)]).astype(float))
+    return np.concatenate(out, axis=-1)
+
+
+def interval(replicates: np.ndarray, level: float = CONFIDENCE) -> tuple[float, float]:
+    """The percentile interval of bootstrap replicates (NaN, NaN when fewer than half are finite)."""
+    finite = replicates[np.isfinite(replicates)]
+    if len(finite) < len(replicates) / 2 or len(finite) == 0:
+        return math.nan, math.nan
+    tail = (1 - level) / 2
+    return float(np.quantile(finite, tail)), float(np.quantile(finite, 1 - tail))
+
+
+def score_basis(
+    latents: pd.DataFrame, score: str = "token_auroc", *, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0
+) -> dict[str, float | int | bool]:
+    """What one dictionary's aggregate scores rest on: eligible latents, the median activating and
+    non-activating test windows per eligible latent, 95% bootstrap intervals of the unweighted and
+    frequency-weighted means (resampling latents), and `underpowered` (median activating test windows below
+    `MIN_TEST_WINDOWS`)."""
+    scored = latents[latents["eligible"].astype(bool)]
+    median_on = float(scored["test_activating_windows"].median()) if len(scored) else 0.0
+    median_off = (
+        float(scored["test_nonactivating_windows"].median())
+        if len(scored) and "test_nonactivating_windows" in scored
+        else math.nan
+    )
+    low, high = interval(bootstrap_replicates(latents, "mean", score, samples=samples, seed=seed))
+    w_low, w_high = interval(bootstrap_replicates(latents, "weighted", score, samples=samples, seed=seed))
+    return {
+        "eligible": len(scored),
+        "test_windows_median": median_on,
+        "test_nonactivating_windows_median": median_off,
+        f"{score}_ci_low": low,
+        f"{score}_ci_high": high,
+        f"{score}_weighted_ci_low": w_low,
+        f"{score}_weighted_ci_high": w_high,
+        "underpowered": bool(median_on < MIN_TEST_WINDOWS),
+    }
+
+
+def across_seeds(
+    coders: pd.DataFrame, columns: list[str] | tuple[str, ...], by: list[str] | tuple[str, ...]
+) -> pd.DataFrame:
+    """Per setting (`by`, every column but the seed), the number of seeds and the mean and standard deviation
+    over seeds of each of `columns`."""
+    by = [c for c in by if c in coders.columns]
+    columns = [c for c in columns if c in coders.columns]
+    rows = []
+    for keys, g in coders.groupby(by, sort=True, dropna=False):
+        row = dict(zip(by, keys if isinstance(keys, tuple) else (keys,), strict=True))
+        row["seeds"] = int(g["seed"].nunique()) if "seed" in g else len(g)
+        for c in columns:
+            values = g[c].to_numpy(dtype=float)
+            row[f"{c}_mean"] = float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
+            row[f"{c}_std"] = float(np.nanstd(values, ddof=1)) if np.isfinite(values).sum() > 1 else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,9 +1,12 @@
 """Activation examples and the per-latent lexical score table (evaluation.md §3, §3a).
 
 Held-out token sequences are cut into non-overlapping windows of `WINDOW` tokens. A window is *activating* for a
-latent when the latent fires on one of its tokens. Windows take the side (explain or test) of the document of
-their first token, so explanation and test examples never share a document. A latent is *eligible* when it has at
-least `min_examples` activating windows and both sides have activating and non-activating windows.
+latent when the latent fires on one of its tokens. Documents take a side (explain or test) by a hash salted apart
+from the cache's own train/held-out hash (`EXPLAIN_TEST_SALT`): every held-out document had a cache hash below the
+held-out fraction, so reusing that hash would put them all on one side. A window takes the side of its documents;
+a window that straddles documents of both sides is dropped, so explanation and test examples never share a
+document. A latent is *eligible* when it has at least `min_examples` activating windows and both sides have
+activating and non-activating windows.
 
 For each eligible latent the explainer sees its activating explain windows plus as many random non-activating
 ones; the test set is up to `test_windows` activating test windows (for continuous latents drawn evenly across
@@ -25,19 +28,26 @@ from bae_core.text import hash_split
 
 WINDOW = 32
 """Tokens per example window."""
+EXPLAIN_TEST_SALT = "explain/test"
+"""Salt of the explain/test document hash, so that it is drawn independently of the cache's held-out hash."""
+SCORING_VERSION = 2
+"""Version of the example windows and the lexical score; a score file of another version is recomputed.
+1: explain/test sides by the cache's own hash (every held-out document on the explain side but one).
+2: sides by a separately salted hash, straddling windows dropped, test window counts per latent."""
 DECILES = 10
 
 
 @dataclass(frozen=True)
 class Windows:
     """Example windows: `tokens` and `prev` (the token before each position in its sequence, -1 at a
-    sequence's start) are (windows, width); `doc_id` is the document of each window's first token and
-    `explain` its side."""
+    sequence's start) are (windows, width); `doc_id` is the document of each window's first token; `explain` and
+    `test` its side (both False for a window that straddles documents of both sides: it is used by neither)."""
 
     tokens: np.ndarray
     prev: np.ndarray
     doc_id: np.ndarray
     explain: np.ndarray
+    test: np.ndarray
 
     @property
     def width(self) -> int:
@@ -62,7 +72,8 @@ def cut_windows(
     token_ids: np.ndarray, doc_ids: np.ndarray, *, width: int = WINDOW, explain_fraction: float = 0.5, seed: int = 0
 ) -> Windows:
     """Windows of `width` tokens from (sequences, seq_len) token and document ids; sides by a hash of the
-    document id (`explain_fraction` of the documents explain, the rest test)."""
+    document id salted with `EXPLAIN_TEST_SALT` and `seed` (`explain_fraction` of the documents explain, the rest
+    test); a window whose tokens come from documents of both sides is on neither."""
     token_ids, doc_ids = np.asarray(token_ids), np.asarray(doc_ids)
     if token_ids.ndim != 2 or token_ids.shape != doc_ids.shape:
         raise ValueError(
@@ -76,10 +87,12 @@ def cut_windows(
     rows = window_rows(n, seq_len, width)
     tokens = token_ids.reshape(-1)[rows].reshape(-1, width).astype(np.int64)
     prev = prev.reshape(-1)[rows].reshape(-1, width)
-    first_doc = doc_ids.reshape(-1)[rows].reshape(-1, width)[:, 0].astype(str)
-    docs, inverse = np.unique(first_doc, return_inverse=True)
-    explain = hash_split(list(docs), explain_fraction, seed)[inverse]
-    return Windows(tokens=tokens, prev=prev, doc_id=first_doc, explain=explain)
+    window_docs = doc_ids.reshape(-1)[rows].reshape(-1, width).astype(str)
+    docs, inverse = np.unique(window_docs, return_inverse=True)
+    token_explain = hash_split(list(docs), explain_fraction, f"{EXPLAIN_TEST_SALT}:{seed}")[inverse]
+    token_explain = token_explain.reshape(-1, width)
+    explain, test = token_explain.all(axis=1), (~token_explain).all(axis=1)
+    return Windows(tokens=tokens, prev=prev, doc_id=window_docs[:, 0], explain=explain, test=test)
 
 
 def default_min_examples(tokens: int) -> int:
@@ -154,7 +167,9 @@ def score_latents(
                 window_f1=score.window_f1,
                 shuffled_token_auroc=control.token_auroc,
                 shuffled_window_auroc=control.window_auroc,
+                explain_activating_windows=int(len(explain_idx) // 2),
                 test_activating_windows=int(len(test_idx) // 2),
+                test_nonactivating_windows=int(len(test_idx) - len(test_idx) // 2),
                 decile_token_auroc=list(score.group_token_auroc) if deciles is not None else None,
             )
         row["score_label"] = LABEL
@@ -205,7 +220,9 @@ _NOT_SCORED = {
     "window_f1": math.nan,
     "shuffled_token_auroc": math.nan,
     "shuffled_window_auroc": math.nan,
+    "explain_activating_windows": 0,
     "test_activating_windows": 0,
+    "test_nonactivating_windows": 0,
     "decile_token_auroc": None,
 }
 
@@ -214,9 +231,9 @@ def _example_sets(windows, values, active, binary, min_examples, test_windows, r
     """(explain window indices, test window indices, decile of each test window or None) for one latent, or None
     when it is not eligible. Deciles (0 = lowest window-max activation, -1 for non-activating windows) exist for
     continuous latents with at least `DECILES` activating test windows."""
-    side = windows.explain
-    explain_on, explain_off = np.flatnonzero(active & side), np.flatnonzero(~active & side)
-    test_on, test_off = np.flatnonzero(active & ~side), np.flatnonzero(~active & ~side)
+    explain, test = windows.explain, windows.test
+    explain_on, explain_off = np.flatnonzero(active & explain), np.flatnonzero(~active & explain)
+    test_on, test_off = np.flatnonzero(active & test), np.flatnonzero(~active & test)
     if active.sum() < min_examples or min(len(explain_on), len(explain_off), len(test_on), len(test_off)) == 0:
         return None
     n_explain = min(len(explain_on), len(explain_off))

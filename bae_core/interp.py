@@ -6,7 +6,9 @@
       -> one row per latent: firing count and rate, eligibility, explanation, lexical scores, shuffled control
 
 The baseline dictionary is the MLP's own neurons at the hookpoint, made sparse by keeping each token's k largest
-(evaluation.md §3a), scored the same way.
+(evaluation.md §3a), scored the same way. Two reference dictionaries with known answers calibrate every run
+(evaluation.md §3c): a positive control whose latents fire exactly on single frequent tokens (a lexical judge must
+score them near 1) and a negative control whose latents fire as often, at random positions (near 0.5).
 """
 
 from __future__ import annotations
@@ -130,6 +132,63 @@ def neuron_activations(loaded, root: str, hookpoint: str, k: int, split: str, ma
     return sp.vstack(parts, format="csr")
 
 
+CONTROLS = ("token_control", "random_control")
+"""The reference dictionaries: latents that fire on one frequent token each, and latents with the same firing
+counts at random positions."""
+CONTROL_LATENTS = 32
+"""Latents of each reference dictionary."""
+CONTROL_MAX_WINDOW_SHARE = 0.5
+"""A control token occurs in at most this share of windows, so that it has non-activating windows to test on."""
+
+
+def control_activations(token_ids: np.ndarray, control: str, *, latents: int = CONTROL_LATENTS, seed: int = 0):
+    """A reference dictionary's 0/1 codes on tokens (sequences, seq_len), as a (tokens x latents) CSR matrix in
+    the split's stored order. `token_control`: latent j fires exactly where the token is the j-th most frequent
+    token of the split among those found in at most `CONTROL_MAX_WINDOW_SHARE` of the windows; `random_control`:
+    latent j fires as often as `token_control`'s latent j, on positions drawn at random (seeded)."""
+    if control not in CONTROLS:
+        raise ValueError(f"control: choose one of {', '.join(CONTROLS)}, got {control!r}")
+    flat = np.asarray(token_ids).reshape(-1)
+    n = len(flat)
+    windows = np.asarray(token_ids)[:, : token_ids.shape[1] // WINDOW * WINDOW].reshape(-1, WINDOW)
+    ids, counts = np.unique(flat, return_counts=True)
+    per_window = np.zeros(len(ids))
+    for row in windows:
+        per_window[np.searchsorted(ids, np.unique(row))] += 1
+    usable = per_window <= CONTROL_MAX_WINDOW_SHARE * len(windows)
+    order = np.argsort(-counts[usable], kind="stable")[:latents]
+    chosen = ids[usable][order]
+    if len(chosen) == 0:
+        raise ValueError("control: the split has no token to build a control dictionary from")
+    columns = []
+    rng = np.random.default_rng([seed, 7])
+    for token in chosen:
+        rows = np.flatnonzero(flat == token)
+        if control == "random_control":
+            rows = np.sort(rng.choice(n, len(rows), replace=False))
+        columns.append(rows)
+    row_index = np.concatenate(columns)
+    col_index = np.concatenate([np.full(len(r), j) for j, r in enumerate(columns)])
+    return sp.csr_matrix((np.ones(len(row_index), dtype=np.float32), (row_index, col_index)), shape=(n, len(chosen)))
+
+
+def control_scores(
+    root: str,
+    hookpoint: str,
+    control: str,
+    options: ExampleOptions = ExampleOptions(),
+    *,
+    decode=None,
+    latents: np.ndarray | None = None,
+) -> list[dict]:
+    """The lexical score rows of a reference dictionary (`control_activations`) on the cache's split, through
+    the very same windows, eligibility and scorer as a coder's."""
+    manifest = open_cache(root)
+    tokens, docs = split_tokens(root, hookpoint, options.split, manifest)
+    acts = control_activations(tokens, control, seed=options.seed)
+    return _score(acts, tokens, docs, True, options, decode, latents=latents)
+
+
 def llm_examples(
     loaded,
     coder: SparseCoder | None,
@@ -138,16 +197,20 @@ def llm_examples(
     k: int,
     options: ExampleOptions,
     latents: np.ndarray,
+    control: str | None = None,
 ) -> dict:
     """The LLM judge's examples (`bae_core.judge.LatentExamples`) of the eligible ones among `latents`: a
-    coder's, or (`coder` None) the MLP neurons' at top-`k`. The windows are drawn exactly as the lexical score
-    draws them (same options and seed): the activating explain windows, and the test windows."""
+    coder's, a reference dictionary's (`control`, see `control_activations`), or (`coder` None) the MLP neurons'
+    at top-`k`. The windows are drawn exactly as the lexical score draws them (same options and seed): the
+    activating explain windows, and the test windows."""
     from bae_core.examples import example_sets
     from bae_core.judge import LatentExamples
 
     manifest = open_cache(root)
     tokens, docs = split_tokens(root, hookpoint, options.split, manifest)
-    if coder is None:
+    if control is not None:
+        acts = control_activations(tokens, control, seed=options.seed)
+    elif coder is None:
         acts = neuron_activations(loaded, root, hookpoint, k, options.split, manifest)
     else:
         acts = coder_activations(coder, root, hookpoint, options.split, manifest)
@@ -165,7 +228,7 @@ def llm_examples(
     for latent, _values, fires, sets, _rng in example_sets(
         windows,
         acts[rows].tocsc(),
-        binary=coder is not None and coder.cfg.is_binary,
+        binary=control is not None or (coder is not None and coder.cfg.is_binary),
         min_examples=options.min_examples or default_min_examples(tokens.size),
         test_windows=options.test_windows,
         seed=options.seed,

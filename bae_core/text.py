@@ -196,7 +196,7 @@ def split_documents(
     return train, heldout
 
 
-def hash_split(doc_ids: Sequence[str], fraction: float, seed: int = 0) -> np.ndarray:
+def hash_split(doc_ids: Sequence[str], fraction: float, seed: int | str = 0) -> np.ndarray:
     """Per document id, True when a hash of (`seed`, id) in [0, 1) is below `fraction`. With at least two ids and
     a positive fraction both sides are non-empty: if the hash puts every id on one side, the one nearest the
     boundary moves across."""
@@ -210,7 +210,7 @@ def hash_split(doc_ids: Sequence[str], fraction: float, seed: int = 0) -> np.nda
     return side
 
 
-def _split_score(seed: int, doc_id: str) -> float:
+def _split_score(seed: int | str, doc_id: str) -> float:
     # A cryptographic hash, not Python's `hash`: that one is salted per process and would move documents between
     # runs.
     digest = hashlib.blake2b(f"{seed}\x00{doc_id}".encode(), digest_size=8).digest()

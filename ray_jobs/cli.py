@@ -490,7 +490,10 @@ def run_score_cmd(args: argparse.Namespace) -> int:
     def progress(done: int, total: int, what: str) -> None:
         print(f"  [{done}/{total}] {what} ({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
 
-    latents = run_score(run, options, progress=progress)
+    def notice(text: str) -> None:
+        print(f"  {text}", file=sys.stderr, flush=True)
+
+    latents = run_score(run, options, progress=progress, notice=notice)
     coders = read_table(run, CODERS_TABLE)
     print(format_coders(coders))
     print(

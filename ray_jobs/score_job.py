@@ -16,8 +16,10 @@
          RUN/ablation.parquet  one row per (coder, bin) of the ablation by score
          RUN/density.parquet   the log10 firing-rate histogram of every dictionary
 
-Every per-coder file is written atomically when its task ends, so running `bae score` again (after a crash, a
-killed worker, or with more trials finished) does only the work whose file is missing.
+Every per-coder file is written atomically when its task ends, with the settings that produced it (the scoring
+version and the options that change its numbers), so running `bae score` again (after a crash, a killed worker,
+or with more trials finished) does only the work whose file is missing or was made with other settings; the
+reason for redoing a file is printed.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ JUDGES = ("lexical", "llm")
 
 @dataclass(frozen=True)
 class ScoreTask:
-    """One dictionary to score: a trained coder (`checkpoint`) or the neuron baseline (`checkpoint` None)."""
+    """One dictionary to score: a trained coder (`checkpoint`), or (`checkpoint` None) the neuron baseline
+    (`activation` mlp_neurons) or a reference dictionary (`activation` token_control or random_control,
+    `bae_core.interp.control_activations`)."""
 
     coder_id: str
     trial_id: str | None
@@ -94,6 +98,35 @@ class ScoreOptions:
         if self.min_examples is not None and self.min_examples < 1:
             raise ValueError(f"min_examples: must be >= 1, got {self.min_examples}")
 
+    def lexical_settings(self) -> dict:
+        """What a lexical score file's numbers depend on; a file made with other settings is recomputed."""
+        from bae_core.examples import SCORING_VERSION
+
+        return {
+            "scoring_version": SCORING_VERSION,
+            "min_examples": self.min_examples,
+            "test_windows": self.test_windows,
+            "seed": self.seed,
+        }
+
+    def evaluation_settings(self) -> dict:
+        """What an evaluation file (fidelity and the ablation by score) depends on, the lexical scores included."""
+        return {
+            **self.lexical_settings(),
+            "fidelity_tokens": self.fidelity_tokens,
+            "ablation_bins": self.ablation_bins,
+            "lm_dtype": self.lm_dtype,
+        }
+
+    def llm_settings(self) -> dict:
+        """What the LLM judge's file depends on: the examples, the judge's model and server, the sample size."""
+        return {
+            **self.lexical_settings(),
+            "llm_model": getattr(self.llm, "model", None),
+            "llm_base_url": getattr(self.llm, "base_url", None),
+            "llm_latents": self.llm_latents,
+        }
+
     @classmethod
     def from_run(cls, run_dir: str, **overrides) -> ScoreOptions:
         """The run's `scoring` settings (from RUN/spec.json), with `overrides` that are not None on top."""
@@ -110,7 +143,9 @@ class ScoreOptions:
 
 
 def plan(run_dir: str) -> list[ScoreTask]:
-    """The coders of a run's finished trials, then one neuron baseline per (cache, MLP hookpoint, k)."""
+    """The coders of a run's finished trials, then one neuron baseline per (cache, MLP hookpoint, k), then the
+    two reference dictionaries (positive and negative control) per (cache, hookpoint)."""
+    from bae_core.interp import CONTROLS
 
     fs, base = open_filesystem(run_dir)
     path = f"{base}/{TRIALS_TABLE}"
@@ -137,6 +172,12 @@ def plan(run_dir: str) -> list[ScoreTask]:
     baselines = sorted({(r.cache, r.hookpoint, int(r.k)) for r in finished.itertuples()})
     has_input = [(c, h, k) for c, h, k in baselines if h.endswith(".mlp")]
     tasks += [ScoreTask(f"neurons-{h}-k{k}", None, c, h, k, None) for c, h, k in has_input]
+    hookpoints = sorted({(r.cache, r.hookpoint) for r in finished.itertuples()})
+    tasks += [
+        ScoreTask(f"{control.replace('_', '-')}-{h}", None, c, h, 1, None, control, "control")
+        for c, h in hookpoints
+        for control in CONTROLS
+    ]
     return tasks
 
 
@@ -160,13 +201,15 @@ def lexical_task(task: ScoreTask, run_dir: str, options: ScoreOptions, start: in
     import pandas as pd
 
     from bae_core.coder import SparseCoder
-    from bae_core.interp import ExampleOptions, coder_latent_scores, neuron_baseline_scores
+    from bae_core.interp import ExampleOptions, coder_latent_scores, control_scores, neuron_baseline_scores
 
     loaded = _load_model(task.cache)
     decode = loaded.tokenizer.decode
     examples = ExampleOptions(min_examples=options.min_examples, test_windows=options.test_windows, seed=options.seed)
     latents = None if stop is None else np.arange(start, stop)
-    if task.checkpoint is None:
+    if task.kind == "control":
+        rows = control_scores(task.cache, task.hookpoint, task.activation, examples, decode=decode, latents=latents)
+    elif task.checkpoint is None:
         rows = neuron_baseline_scores(
             loaded, task.cache, task.hookpoint, task.k, examples, decode=decode, latents=latents
         )
@@ -179,6 +222,7 @@ def lexical_task(task: ScoreTask, run_dir: str, options: ScoreOptions, start: in
     frame.insert(2, "hookpoint", task.hookpoint)
     frame.insert(3, "dictionary", _dictionary(task))
     frame.insert(4, "k", task.k)
+    frame["scoring_settings"] = _settings_text(options.lexical_settings())
     name = f"{SCORES_DIR}/{task.coder_id}.parquet" if stop is None else _part(task.coder_id, start)
     write_parquet_atomic(run_dir, name, frame)
     return name
@@ -210,7 +254,7 @@ def _merge_parts(run_dir: str, task: ScoreTask, slices: list[tuple[int, int | No
 
 
 def _dictionary(task: ScoreTask) -> str:
-    return "mlp_neurons" if task.checkpoint is None else f"{task.activation} {task.kind}"
+    return task.activation if task.checkpoint is None else f"{task.activation} {task.kind}"
 
 
 def fidelity_sequences(cache: str, hookpoint: str, tokens: int, split: str = "heldout") -> np.ndarray:
@@ -238,7 +282,12 @@ def evaluation_task(task: ScoreTask, run_dir: str, options: ScoreOptions) -> dic
     coder = SparseCoder.load(task.checkpoint)
     ids = torch.from_numpy(fidelity_sequences(task.cache, task.hookpoint, options.fidelity_tokens))
     fidelity = spliced_fidelity(loaded, hook, {task.coder_id: coder}, ids, batch_size=options.lm_batch_size)
-    result = {"coder_id": task.coder_id, "fidelity": fidelity[task.coder_id].summary(), "ablation": []}
+    result = {
+        "coder_id": task.coder_id,
+        "settings": options.evaluation_settings(),
+        "fidelity": fidelity[task.coder_id].summary(),
+        "ablation": [],
+    }
     if options.ablation_bins:
         columns = ["latent", "token_auroc", "firing_count"]
         scores = read_table(run_dir, f"{SCORES_DIR}/{task.coder_id}.parquet", columns).sort_values("latent")
@@ -275,10 +324,12 @@ def llm_task(task: ScoreTask, run_dir: str, options: ScoreOptions) -> int:
         min_examples=options.min_examples, test_windows=options.test_windows, seed=options.seed
     )
     coder = None if task.checkpoint is None else SparseCoder.load(task.checkpoint)
-    examples = llm_examples(loaded, coder, task.cache, task.hookpoint, task.k, examples_options, chosen)
+    control = task.activation if task.kind == "control" else None
+    examples = llm_examples(loaded, coder, task.cache, task.hookpoint, task.k, examples_options, chosen, control)
     results = judge_latents(options.llm, examples, seed=options.seed)
     frame = pd.DataFrame([{"latent": int(latent), **results[int(latent)]} for latent in chosen])
     frame.insert(0, "coder_id", task.coder_id)
+    frame["llm_settings"] = _settings_text(options.llm_settings())
     write_parquet_atomic(run_dir, f"{LLM_DIR}/{task.coder_id}.parquet", frame)
     return len(frame)
 
@@ -299,9 +350,44 @@ def _missing(fs, base: str, folder: str, coder_id: str, suffix: str) -> bool:
     return fs.get_file_info(f"{base}/{folder}/{coder_id}.{suffix}").type.name == "NotFound"
 
 
-def run_score(run_dir: str, options: ScoreOptions | None = None, *, progress=None, **overrides):
-    """Score every dictionary of the run whose files are missing (Ray tasks) and rewrite the tables; returns
-    the latents table. `overrides` (e.g. min_examples=5) replace the run's own scoring settings."""
+def _settings_text(settings: dict) -> str:
+    return json.dumps(settings, sort_keys=True)
+
+
+def _recorded_settings(fs, base: str, name: str) -> dict | None:
+    """The settings a per-coder file was made with (None for a file written before they were recorded)."""
+    import pyarrow.parquet as pq
+
+    path = f"{base}/{name}"
+    if name.endswith(".json"):
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read().decode()).get("settings")
+    with fs.open_input_file(path) as f:
+        parquet = pq.ParquetFile(f)
+        column = next((c for c in ("scoring_settings", "llm_settings") if c in parquet.schema_arrow.names), None)
+        if column is None or parquet.metadata.num_rows == 0:
+            return None
+        return json.loads(parquet.read_row_group(0, columns=[column]).column(0)[0].as_py())
+
+
+def stale_reason(fs, base: str, name: str, settings: dict) -> str | None:
+    """Why RUN/name must be (re)made with `settings`: "missing", or the settings that differ; None when it is
+    up to date."""
+    if fs.get_file_info(f"{base}/{name}").type.name == "NotFound":
+        return "missing"
+    recorded = _recorded_settings(fs, base, name)
+    if recorded is None:
+        return "written before scoring settings were recorded (scoring version 1)"
+    changed = [k for k in sorted({*settings, *recorded}) if recorded.get(k) != settings.get(k)]
+    if not changed:
+        return None
+    return "made with " + ", ".join(f"{k}={recorded.get(k)!r} (now {settings.get(k)!r})" for k in changed)
+
+
+def run_score(run_dir: str, options: ScoreOptions | None = None, *, progress=None, notice=None, **overrides):
+    """Score every dictionary of the run whose files are missing or were made with other settings (Ray tasks)
+    and rewrite the tables; returns the latents table. `overrides` (e.g. min_examples=5) replace the run's own
+    scoring settings. `notice(text)` is told why an existing file is redone."""
     import ray
 
     options = options or ScoreOptions.from_run(run_dir, **overrides)
@@ -313,14 +399,22 @@ def run_score(run_dir: str, options: ScoreOptions | None = None, *, progress=Non
 
     # Each dictionary's stages run in order (fidelity reads the lexical scores); dictionaries, and the latent
     # slices of a large one, in parallel.
+    def redo(name: str, settings: dict) -> bool:
+        reason = stale_reason(fs, base, name, settings)
+        if reason not in (None, "missing") and notice is not None:
+            notice(f"redoing {name}: {reason}")
+        return reason is not None
+
     stages = {}
     for t in tasks:
         stages[t.coder_id] = []
-        if _missing(fs, base, SCORES_DIR, t.coder_id, "parquet"):
+        if redo(f"{SCORES_DIR}/{t.coder_id}.parquet", options.lexical_settings()):
             stages[t.coder_id].append("lexical")
-        if t.checkpoint is not None and _missing(fs, base, EVALUATION_DIR, t.coder_id, "json"):
+        if t.checkpoint is not None and redo(f"{EVALUATION_DIR}/{t.coder_id}.json", options.evaluation_settings()):
             stages[t.coder_id].append("fidelity")
-    judge = [t for t in tasks if options.judge == "llm" and _missing(fs, base, LLM_DIR, t.coder_id, "parquet")]
+    judge = [
+        t for t in tasks if options.judge == "llm" and redo(f"{LLM_DIR}/{t.coder_id}.parquet", options.llm_settings())
+    ]
     total = sum(len(s) for s in stages.values()) + len(judge)
     done = 0
     pending: dict = {}
@@ -334,8 +428,8 @@ def run_score(run_dir: str, options: ScoreOptions | None = None, *, progress=Non
             refs = [
                 lexical.remote(task, run_dir, options, start, stop)
                 for start, stop in _slices(task, options)
-                # A slice scored before an interruption is kept.
-                if stop is None or fs.get_file_info(f"{base}/{_part(coder_id, start)}").type.name == "NotFound"
+                # A slice scored before an interruption, with the same settings, is kept.
+                if stop is None or stale_reason(fs, base, _part(coder_id, start), options.lexical_settings())
             ]
         else:
             refs = [evaluation.remote(task, run_dir, options)]
@@ -412,10 +506,11 @@ def write_tables(run_dir: str, tasks: list[ScoreTask] | None = None):
 def summarize(latents, tasks: list[ScoreTask] | None = None):
     """One row per dictionary: what it is, its density on the held-out split (latents, alive, dead, > 1%, > 10%),
     coverage, and the unweighted and frequency-weighted mean token AUROC over eligible latents with the shuffled
-    control (and the LLM judge's means when it ran)."""
+    control (and the LLM judge's means when it ran), each mean with what it rests on: eligible latents, median
+    test windows per latent, 95% bootstrap intervals and the underpowered mark (`bae_core.aggregate.score_basis`)."""
     import pandas as pd
 
-    from bae_core.aggregate import density, score_summary, weighted_mean
+    from bae_core.aggregate import density, score_basis, score_summary, weighted_mean
     from bae_core.lexical import LABEL
 
     _, overall = score_summary(latents, "token_auroc", by=["coder_id"])
@@ -435,7 +530,7 @@ def summarize(latents, tasks: list[ScoreTask] | None = None):
             "l0_heldout": _l0(g),
             **density(g["firing_rate"].to_numpy()),
             "alive": int((g["firing_count"] > 0).sum()),
-            "eligible": int(g["eligible"].sum()),
+            **score_basis(g),
         }
         scored = g[g["eligible"]]
         for column in ("detection_balanced_accuracy", "fuzzing_balanced_accuracy"):

@@ -1,13 +1,22 @@
-"""analysis: the Pareto frontier on hand-made tables, and the claims table on constructed coders."""
+"""analysis: the Pareto frontier on hand-made tables, and the convergence verdicts and training figure on
+hand-made training curves (the claims table: test_claims.py)."""
 
-import math
+import json
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import claims_table, family, frontier_table, pareto_mask
-from analysis.claims import AGREES, DISAGREES, MIXED, NOT_MEASURED
+from analysis import family, frontier_table, pareto_mask, plots, training_curves
+from analysis.convergence import (
+    FALLING,
+    LEVELLED,
+    NO_LOG,
+    RISING,
+    TOO_FEW,
+    convergence_summary,
+    convergence_table,
+)
 
 
 def test_pareto_mask_drops_exactly_the_dominated_points():
@@ -58,56 +67,103 @@ def test_frontier_table_per_family_and_overall():
     assert family("binary_topk", "skip_transcoder") == "binary transcoder"
 
 
-def pair(binary, continuous, *, kind="sae", k=16):
-    """Two matched coders; each side is (fvu, ce_increase, auroc, auroc_weighted, frequent_fraction)."""
-    rows = []
-    for activation, values in (("binary_topk", binary), ("topk", continuous)):
-        coder_id = f"{activation}-{kind}-{k}"
-        rows.append((coder_id, coder_id, activation, kind, "h", k, 100, 0, *values))
-    return rows
+# ---- convergence --------------------------------------------------------------------------------------------
+
+STEPS = np.arange(10, 301, 10)  # the quickstart's 300 steps, logged every 10
 
 
-def verdicts(coders, latents=None) -> dict[int, str]:
-    table = claims_table(coders, latents)
-    return {int(c.split(".")[0]): v for c, v in zip(table["claim"], table["verdict"], strict=True)}
+def curve(trial_id, fvu, steps=STEPS):
+    return pd.DataFrame({"trial_id": trial_id, "step": steps, "fvu": fvu})
 
 
-def test_claims_agree_when_the_numbers_follow_the_paper():
-    coders = coders_table(
-        # binary: worse FVU and CE, better unweighted, worse weighted, more frequent latents
-        pair((0.30, 0.50, 0.80, 0.60, 0.08), (0.10, 0.20, 0.70, 0.70, 0.01))
-        + pair((0.25, 0.40, 0.85, 0.65, 0.06), (0.08, 0.15, 0.75, 0.72, 0.01), kind="skip_transcoder")
+def test_convergence_verdicts_on_hand_made_curves():
+    noise = 1 + 0.01 * np.random.default_rng(0).standard_normal(len(STEPS))  # 1% batch noise
+    spiky = np.full(len(STEPS), 0.2)
+    spiky[[-2, -5]] = 0.5  # two bad intervals in the window: the median of slopes ignores them
+    curves = pd.concat(
+        [
+            curve("flat", 0.2 * noise),
+            # A power law, as early training looks: still 11% down over the last fifth.
+            curve("steep", 0.9 * (STEPS / 10) ** -0.5 * noise),
+            curve("line", 1 - 0.001 * STEPS),
+            curve("spiky", spiky),
+            curve("rising", 0.2 + 0.0005 * STEPS),
+            # Logged only at its checkpoints: 1 row in the last fifth.
+            curve("sparse", [0.5, 0.4, 0.3], steps=[100, 200, 300]),
+        ]
     )
-    # Binary latents firing on > 1% of tokens score low.
-    latents = pd.DataFrame(
+    trials = pd.DataFrame(
         {
-            "coder_id": ["binary_topk-sae-16"] * 2 + ["binary_topk-skip_transcoder-16"] * 2,
-            "eligible": True,
-            "firing_rate": [0.05, 0.001] * 2,
-            "token_auroc": [0.55, 0.9] * 2,
+            "trial_id": ["flat", "steep", "line", "spiky", "rising", "sparse", "unlogged"],
+            "activation": ["topk", "binary_topk", "topk", "topk", "topk", "topk", "topk"],
+            "kind": "sae",
+            "k": 16,
         }
     )
-    assert verdicts(coders, latents) == {1: AGREES, 2: AGREES, 3: AGREES, 4: AGREES, 5: AGREES}
-    table = claims_table(coders, latents)
-    assert "binary 0.800, 0.850 vs continuous 0.700, 0.750" in table.loc[0, "measured"]
-    assert (table["pairs"] == 2).all()
+    table = convergence_table(curves, trials)
+    assert table["trial_id"].tolist() == trials["trial_id"].tolist()
+    verdict = dict(zip(table["trial_id"], table["verdict"], strict=True))
+    assert verdict == {
+        "flat": LEVELLED,
+        "steep": FALLING,
+        "line": FALLING,
+        "spiky": LEVELLED,
+        "rising": RISING,
+        "sparse": TOO_FEW,
+        "unlogged": NO_LOG,
+    }
+    assert table["levelled_off"].tolist() == [True, False, False, True, False, False, False]
+    row = table.set_index("trial_id").loc["line"]
+    # The window is steps 240..300 (7 rows); the line falls from 0.76 to 0.70 across it.
+    assert (row["window_start"], row["window_rows"], row["steps"]) == (240, 7, 300)
+    assert row["fvu_window_start"] == pytest.approx(0.76) and row["fvu_end"] == pytest.approx(0.70)
+    assert row["relative_drop"] == pytest.approx(0.06 / 0.76)
+    assert row["relative_drop_low"] == pytest.approx(row["relative_drop_high"])  # no noise: no doubt
+    steep = table.set_index("trial_id").loc["steep"]
+    assert 0.09 < steep["relative_drop"] < 0.13 and steep["relative_drop_low"] > 0.02
+    assert table.set_index("trial_id").loc["steep", "family"] == "binary SAE"
+    # The threshold decides: at 20%, even the power law counts as levelled off.
+    assert convergence_table(curves, trials, threshold=0.2).set_index("trial_id").loc["steep", "verdict"] == LEVELLED
+    summary = convergence_summary(table)
+    assert summary.startswith("2 of 5 coders had levelled off") and "2 were still falling" in summary
+    assert "1 rose at the end" in summary and "2 not judged" in summary
+    with pytest.raises(ValueError, match="window"):
+        convergence_table(curves, trials, window=0)
 
 
-def test_claims_disagree_or_are_mixed_when_the_numbers_do_not():
-    coders = coders_table(
-        # binary: better reconstruction, less interpretable, fewer frequent latents
-        pair((0.05, 0.10, 0.60, 0.75, 0.00), (0.10, 0.20, 0.70, 0.70, 0.02))
-        # a second k where binary is more interpretable: claim 1 is mixed
-        + pair((0.05, 0.10, 0.90, 0.80, 0.00), (0.10, 0.20, 0.70, 0.70, 0.02), k=32)
-        # SAE more interpretable than the transcoder of the same activation and k
-        + [("tc", "tc", "topk", "skip_transcoder", "h", 16, 100, 0, 0.10, 0.20, 0.50, 0.50, 0.01)]
+def test_training_figure_and_curves_of_an_older_run_read_from_tunes_reports(tmp_path):
+    # A run made before trials kept their training log: Tune's result.json, one report per checkpoint; a retried
+    # trial reported step 200 twice, and its latest attempt's report counts.
+    trial_dir = tmp_path / "tune" / "trial_a"
+    (trial_dir / "checkpoint_000002").mkdir(parents=True)
+    reports = [
+        {"split": "train", "steps": 100, "tokens": 100, "fvu": 0.5, "l0": 8, "dead_fraction": 0.1, "lr": 1e-3},
+        {"split": "train", "steps": 200, "tokens": 200, "fvu": 0.45, "l0": 8, "dead_fraction": 0.1, "lr": 1e-3},
+        {"split": "train", "steps": 200, "tokens": 200, "fvu": 0.4, "l0": 8, "dead_fraction": 0.1, "lr": 1e-3},
+        {"split": "heldout", "steps": 300, "fvu": 0.35, "dead_fraction": 0.2},
+    ]
+    (trial_dir / "result.json").write_text("\n".join(json.dumps(r) for r in reports) + "\n{cut sh")
+    trials = pd.DataFrame(
+        {
+            "trial_id": ["a"],
+            "status": ["finished"],
+            "activation": ["topk"],
+            "kind": ["sae"],
+            "k": [8],
+            "steps": [300],
+            "fvu": [0.35],
+            "dead_fraction": [0.2],
+            "checkpoint": [str(trial_dir / "checkpoint_000002")],
+        }
     )
-    v = verdicts(coders)
-    assert v[1] == MIXED and v[2] == DISAGREES and v[3] == DISAGREES and v[4] == DISAGREES and v[5] == DISAGREES
-
-
-def test_claims_without_matched_pairs_are_not_measured():
-    coders = coders_table([("c", "c", "topk", "sae", "h", 16, 100, 0, 0.1, 0.2, 0.7, 0.7, 0.01)])
-    table = claims_table(coders)
-    assert set(table["verdict"]) == {NOT_MEASURED} and (table["pairs"] == 0).all()
-    assert not math.isnan(table["pairs"].sum())
+    curves = training_curves(trials)
+    assert curves["step"].tolist() == [100, 200] and curves["fvu"].tolist() == [0.5, 0.4]
+    assert curves["interval_steps"].isna().all()
+    assert convergence_table(curves, trials)["verdict"].tolist() == [TOO_FEW]
+    # The figure draws the fine curves of a new run: two trials, 30 rows each.
+    fine = pd.concat([curve("a", 0.9 * (STEPS / 10) ** -0.5), curve("b", np.full(len(STEPS), 0.2))])
+    fine = fine.assign(dead_fraction=0.1, interval_steps=10)
+    both = pd.concat([trials, trials.assign(trial_id="b", activation="binary_topk", k=16)])
+    path = plots.training(fine, both, tmp_path / "training.png")
+    assert path.exists() and path.stat().st_size > 10_000
+    assert plots.training(curves.iloc[:0], trials, tmp_path / "none.png") is None

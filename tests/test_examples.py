@@ -7,6 +7,7 @@ import pytest
 import scipy.sparse as sp
 
 from bae_core.examples import (
+    EXPLAIN_TEST_SALT,
     cut_windows,
     default_min_examples,
     per_token_topk,
@@ -14,6 +15,7 @@ from bae_core.examples import (
     window_rows,
 )
 from bae_core.lexical import LABEL
+from bae_core.text import hash_split
 
 
 def packed_sequences(seed=0, sequences=120, seq_len=128, docs=40):
@@ -33,12 +35,43 @@ def test_windows_line_up_with_the_token_rows_and_keep_documents_on_one_side():
     np.testing.assert_array_equal(w.tokens.reshape(-1), tokens.reshape(-1)[rows])
     # The token before each position, within its sequence; -1 at a sequence's start.
     assert w.prev[0, 0] == -1 and w.prev[0, 1] == tokens[0, 0] and w.prev[1, 0] == tokens[0, 31]
-    assert w.explain.any() and (~w.explain).any()
-    assert not set(w.doc_id[w.explain]) & set(w.doc_id[~w.explain])
+    assert w.explain.any() and w.test.any() and not (w.explain & w.test).any()
+    assert not set(w.doc_id[w.explain]) & set(w.doc_id[w.test])
     with pytest.raises(ValueError, match="width: windows of 32 tokens do not fit in sequences of 16"):
         cut_windows(tokens[:, :16], doc_ids[:, :16])
     with pytest.raises(ValueError, match="explain_fraction"):
         cut_windows(tokens, doc_ids, explain_fraction=1.0)
+
+
+def test_sides_are_drawn_apart_from_the_caches_held_out_hash():
+    # The cache holds out the documents whose hash (seed 0) falls below the held-out fraction. Reusing that hash
+    # for the explain/test split put every one of them on the explain side but one.
+    candidates = [f"book/{i}" for i in range(4000)]
+    held_out = [d for d, h in zip(candidates, hash_split(candidates, 0.1, 0), strict=True) if h]
+    assert len(held_out) > 300
+    tokens = np.arange(len(held_out) * 64).reshape(len(held_out), 64) % 1000
+    doc_ids = np.repeat(np.array(held_out)[:, None], 64, axis=1)
+    w = cut_windows(tokens, doc_ids, width=32)
+    explain_docs, test_docs = set(w.doc_id[w.explain]), set(w.doc_id[w.test])
+    assert 0.4 < len(explain_docs) / len(held_out) < 0.6 and len(explain_docs) + len(test_docs) == len(held_out)
+    # Another seed draws other sides.
+    other = cut_windows(tokens, doc_ids, width=32, seed=1)
+    assert set(other.doc_id[other.explain]) != explain_docs
+
+
+def test_a_window_that_straddles_documents_of_both_sides_is_dropped():
+    docs = [f"doc{i}" for i in range(40)]
+    explain = dict(zip(docs, hash_split(docs, 0.5, f"{EXPLAIN_TEST_SALT}:0"), strict=True))
+    a = next(d for d in docs if explain[d])
+    b = next(d for d in docs if not explain[d])
+    # One sequence: 40 tokens of `a` then 24 of `b`. Window 0 is all `a`; window 1 holds 8 of `a` and 24 of `b`.
+    doc_ids = np.array([[a] * 40 + [b] * 24])
+    w = cut_windows(np.arange(64)[None, :], doc_ids, width=32)
+    assert w.explain.tolist() == [True, False] and w.test.tolist() == [False, False]
+    # Two documents of the same side: the window keeps that side (a second sequence from `b` is the test side).
+    same = next(d for d in docs if explain[d] and d != a)
+    w = cut_windows(np.arange(128).reshape(2, 64), np.array([[a] * 40 + [same] * 24, [b] * 64]), width=32)
+    assert w.explain.tolist() == [True, True, False, False] and w.test.tolist() == [False, False, True, True]
 
 
 def test_per_token_topk_keeps_the_k_largest_values_of_each_token():
@@ -66,7 +99,8 @@ def test_planted_random_rare_and_continuous_latents_score_as_they_should():
     assert planted_row["firing_count"] == int(planted.sum())
     assert planted_row["firing_rate"] == pytest.approx(planted.mean())
     assert planted_row["eligible"] and planted_row["token_auroc"] == 1.0 and planted_row["window_auroc"] == 1.0
-    assert planted_row["test_activating_windows"] == 50 and planted_row["explanation"].startswith("15 (p=")
+    assert planted_row["test_activating_windows"] == planted_row["test_nonactivating_windows"] == 50
+    assert planted_row["explanation"].startswith("15 (p=")
     assert abs(planted_row["shuffled_token_auroc"] - 0.5) < 0.15
     assert noise_row["eligible"] and abs(noise_row["token_auroc"] - 0.5) < 0.15
     assert not rare_row["eligible"] and rare_row["activating_windows"] == 2 and math.isnan(rare_row["token_auroc"])
