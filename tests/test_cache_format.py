@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import bae_core.cache as cache_module
 from bae_core.cache import (
     CacheError,
     CacheManifest,
@@ -19,6 +20,7 @@ from bae_core.cache import (
     open_cache,
     open_filesystem,
     pack_activations,
+    read_shard,
     unpack_activations,
     verify_cache,
     write_shard,
@@ -172,3 +174,59 @@ def test_activation_batches_visit_every_row_once_per_epoch(tmp_path):
     m2 = manifest(hookpoints={"layers.3": HookpointInfo({"output": 3})})
     with pytest.raises(CacheError, match="a transcoder needs the module's input and output"):
         coder_columns(m2, "layers.3", transcoder=True)
+
+
+def planted_cache(root: str, shards: int, rows: int, dtype: str = "float16") -> None:
+    """A finished cache of `shards` train shards of `rows` rows each, where a row's input and output both
+    hold its shard's index and its index within the shard (and then 0 for the input, 1 for the output)."""
+    fs, base = open_filesystem(root)
+    m = manifest(hookpoints={"layers.9.mlp": HookpointInfo({"input": 3, "output": 3})}, dtype=dtype, complete=True)
+    for unit in range(shards):
+        ids = np.stack([np.full(rows, unit), np.arange(rows)], axis=1)
+        acts = {"input": np.c_[ids, np.zeros(rows)], "output": np.c_[ids, np.ones(rows)]}
+        m.add(write_shard(fs, base, "train", "layers.9.mlp", unit, build_table(*tokens(rows // 4, 4), acts, dtype)))
+    m.save(fs, base)
+
+
+def row_ids(batch: torch.Tensor) -> list[tuple[int, int]]:
+    return [(int(s), int(r)) for s, r in batch[:, :2].tolist()]
+
+
+def test_a_training_batch_draws_rows_from_several_shards(tmp_path, monkeypatch):
+    root = str(tmp_path)
+    planted_cache(root, shards=6, rows=32)
+    every_row = sorted((s, r) for s in range(6) for r in range(32))
+    batches = list(iter_activation_batches(root, "layers.9.mlp", batch_size=8, epochs=2))
+    assert [len(b) for b in batches] == [8] * 48
+    shards_per_batch = [len({s for s, _ in row_ids(b)}) for b in batches]
+    # Eight rows drawn from six shards of 32: nearly always four or more shards, never a single one.
+    assert min(shards_per_batch) >= 2 and np.mean(shards_per_batch) > 3.5
+    assert sorted(row_ids(torch.cat(batches[:24]))) == every_row  # every row once per epoch
+    assert sorted(row_ids(torch.cat(batches[24:]))) == every_row and row_ids(batches[0]) != row_ids(batches[24])
+
+    # The order is a function of the seed; a transcoder's input and output rows stay paired.
+    again = list(iter_activation_batches(root, "layers.9.mlp", batch_size=8, epochs=2))
+    assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
+    other = next(iter_activation_batches(root, "layers.9.mlp", batch_size=8, shuffle_seed=1))
+    assert row_ids(other) != row_ids(batches[0])
+    for x, y in iter_activation_batches(root, "layers.9.mlp", batch_size=8, transcoder=True):
+        assert torch.equal(x[:, :2], y[:, :2]) and (x[:, 2] == 0).all() and (y[:, 2] == 1).all()
+
+    # A window of two shards: memory holds two shards (the first batch comes after two reads), and each batch
+    # comes from the two shards of its window. The last batch of an epoch takes what is left over.
+    reads = []
+    monkeypatch.setattr(cache_module, "read_shard", lambda *a, **k: reads.append(a[1].unit) or read_shard(*a, **k))
+    windowed = iter_activation_batches(root, "layers.9.mlp", batch_size=12, shuffle_shards=2, epochs=1)
+    first = next(windowed)
+    assert len(reads) == 2 and {s for s, _ in row_ids(first)} <= set(reads)
+    rest = list(windowed)
+    assert len(reads) == 6 and [len(b) for b in [first, *rest]] == [12] * 16
+    assert sorted(row_ids(torch.cat([first, *rest]))) == every_row
+
+    # Without a seed: stored order, one shard at a time, batches running across shard boundaries.
+    reads.clear()
+    ordered = iter_activation_batches(root, "layers.9.mlp", batch_size=20, shuffle_seed=None)
+    assert row_ids(next(ordered)) == every_row[:20] and reads == [0]
+    assert row_ids(torch.cat([next(ordered), *ordered])) == every_row[20:] and reads == list(range(6))
+    with pytest.raises(ValueError, match="shuffle_shards: must be a finite number > 0, got 0"):
+        next(iter_activation_batches(root, "layers.9.mlp", shuffle_shards=0))
