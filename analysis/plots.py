@@ -5,7 +5,7 @@
 - `firing_rates`: histograms of log10(firing rate), binary and continuous coders overlaid;
 - `rate_vs_score`: each latent's firing rate against its score, one panel per family;
 - `ablation`: the relative CE increase of ablating each bin of latents against the bin's mean score;
-- `training`: held-out-style FVU and dead fraction during training, one line per trial.
+- `training`: train FVU and dead fraction at every logged step, one line per trial, the convergence window shaded.
 """
 
 from __future__ import annotations
@@ -19,7 +19,11 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
+from analysis.convergence import WINDOW  # noqa: E402
 from analysis.frontier import family  # noqa: E402
 from bae_core.config import BINARY_ACTIVATIONS  # noqa: E402
 
@@ -160,35 +164,66 @@ def ablation(ablation_table: pd.DataFrame, coders: pd.DataFrame, path: Path) -> 
     return _save(fig, path)
 
 
+def _log_tick(value: float, _position) -> str:
+    """Plain numbers on a log axis, at 1, 2, 3 and 5 times a power of ten only (the others crowd)."""
+    if value <= 0:
+        return ""
+    lead = round(value / 10 ** np.floor(np.log10(value)))
+    return f"{value:.2g}" if lead in (1, 2, 3, 5) else ""
+
+
 def training(curves: pd.DataFrame, trials: pd.DataFrame, path: Path) -> Path | None:
-    """FVU and dead fraction against training steps, one line per trial coloured by family; the final held-out
-    values are separate crosses (the training dead fraction counts latents that never fired since the start, the
-    held-out one those that never fire on held-out tokens: not the same quantity)."""
+    """Train FVU (log scale) and dead fraction at every logged step of `curves` (`training_curves`), one line per
+    trial, coloured by family, a line style per k; the last part of training, where `analysis.convergence`
+    judges whether FVU levelled off, shaded. The final held-out values are separate crosses (the training dead
+    fraction counts latents that never fired since the start, the held-out one those that never fire on held-out
+    tokens: not the same quantity)."""
     if curves.empty:
         return None
-    curves = curves.merge(_with_family(trials)[["trial_id", "family", "k"]], on="trial_id")
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    labelled = _with_family(trials)
+    ks = sorted(labelled["k"].dropna().unique())
+    styles = dict(zip(ks, ["-", "--", ":", "-."] * len(ks), strict=False))
+    curves = curves.merge(labelled[["trial_id", "family", "k"]], on="trial_id")
+    finished = labelled[labelled["trial_id"].isin(curves["trial_id"])]
+    if "status" in finished:
+        finished = finished[finished["status"] == "finished"]
+    last = curves["step"].max()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     for ax, metric in zip(axes, ("fvu", "dead_fraction"), strict=True):
-        labelled = set()
+        ax.axvspan((1 - WINDOW) * last, last, color="grey", alpha=0.12, linewidth=0)
         for _, g in curves.groupby("trial_id", sort=False):
-            fam = g["family"].iloc[0]
-            colour = FAMILY_COLOURS.get(fam)
-            train, heldout = g[g["split"] == "train"], g[g["split"] == "heldout"]
             ax.plot(
-                train["steps"],
-                train[metric],
-                marker=".",
-                color=colour,
-                alpha=0.7,
-                label=None if fam in labelled else fam,
+                g["step"],
+                g[metric],
+                color=FAMILY_COLOURS.get(g["family"].iloc[0]),
+                linestyle=styles.get(g["k"].iloc[0], "-"),
+                linewidth=1.1,
+                alpha=0.8,
             )
-            ax.scatter(heldout["steps"], heldout[metric], marker="x", color=colour, s=40)
-            labelled.add(fam)
+        if metric in finished and "steps" in finished:
+            for fam, g in finished.groupby("family"):
+                ax.scatter(g["steps"], g[metric], marker="x", color=FAMILY_COLOURS.get(fam), s=40, zorder=3)
         ax.set_xlabel("training step")
-        ax.set_ylabel({"fvu": "FVU", "dead_fraction": "dead fraction"}[metric])
         ax.grid(alpha=0.3)
-    axes[0].scatter([], [], marker="x", color="black", label="held-out, at the end")
-    axes[0].legend(fontsize=8)
-    axes[0].set_title("FVU: recent training batches (dots), held-out (x)", fontsize=9)
-    axes[1].set_title("dead fraction: never fired in training so far (dots), on held-out tokens (x)", fontsize=9)
+    axes[0].set_yscale("log")
+    axes[0].yaxis.set_major_formatter(FuncFormatter(_log_tick))
+    axes[0].yaxis.set_minor_formatter(FuncFormatter(_log_tick))
+    axes[0].set_ylabel("FVU (log scale)")
+    axes[1].set_ylabel("dead fraction")
+    handles = [
+        Line2D([], [], color=FAMILY_COLOURS.get(f), label=f) for f in FAMILY_COLOURS if f in set(curves["family"])
+    ]
+    if len(ks) > 1:
+        handles += [Line2D([], [], color="black", linestyle=styles[k], label=f"k={k}") for k in ks]
+    handles += [
+        Line2D([], [], color="black", marker="x", linestyle="", label="held-out, at the end"),
+        Patch(color="grey", alpha=0.25, label=f"last {WINDOW:.0%}: convergence check"),
+    ]
+    axes[0].legend(handles=handles, fontsize=7)
+    every = curves["interval_steps"].median() if curves["interval_steps"].notna().any() else None
+    axes[0].set_title(
+        "FVU of the training batches" + (f", mean of every {every:.0f} steps" if every else "") + "; held-out (x)",
+        fontsize=9,
+    )
+    axes[1].set_title("dead fraction: never fired in training so far (lines), on held-out tokens (x)", fontsize=9)
     return _save(fig, path)

@@ -6,6 +6,7 @@ RUN/coders.parquet     one row per dictionary: density, fidelity, aggregated sco
 RUN/ablation.parquet   one row per (coder, bin) of the ablation by score (`bae score`)
 RUN/density.parquet    log10 firing-rate histograms (`bae score`)
 RUN/frontier.parquet   the reconstruction-interpretability frontier (`bae report`, or computed on load)
+CHECKPOINT/training_log.parquet   a trial's training metrics every `training.log_every` steps (`training_curves`)
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from analysis.frontier import frontier_table
 from bae_core.cache import open_filesystem
 
 FRONTIER_TABLE = "frontier.parquet"
+TRAINING_LOG = "training_log.parquet"
+"""In each checkpoint folder: the trial's training log up to that checkpoint (ray_jobs.train_job.TrainingLog)."""
+CURVE_COLUMNS = ["trial_id", "step", "tokens", "fvu", "l0", "dead_fraction", "lr", "seconds", "interval_steps"]
 
 
 @dataclass
@@ -68,29 +72,52 @@ def load_run(path: str) -> RunTables:
 
 
 def training_curves(trials: pd.DataFrame) -> pd.DataFrame:
-    """Each trial's reports during training (one row per report: `trial_id`, `steps`, `fvu`, `dead_fraction`,
-    `l0`, `split`), read from the result.json Tune keeps next to the trial's checkpoints. Trials whose folder is
-    gone are left out."""
-    rows = []
+    """Each trial's training log: one row per logged step (every `training.log_every` steps, and the last) with
+    `trial_id`, `step`, `tokens`, `fvu` and `l0` (train batches, averaged over the `interval_steps` steps since
+    the row before), `dead_fraction` (latents that never fired in training so far), `lr` and `seconds` (wall-clock
+    seconds of training so far), sorted by trial and step.
+
+    Read from training_log.parquet in the trial's final checkpoint. For a run made before trials kept that log,
+    the reports Tune stored at each checkpoint (the trial folder's result.json) stand in: a few rows per trial,
+    with `interval_steps` missing. Trials without a checkpoint (failed ones) or whose folder is gone are left
+    out."""
+    frames = []
     for trial in trials.itertuples():
         checkpoint = getattr(trial, "checkpoint", None)
         if not isinstance(checkpoint, str) or not checkpoint:
             continue
-        fs, base = open_filesystem(checkpoint.rsplit("/", 1)[0])
-        path = f"{base}/result.json"
-        if fs.get_file_info(path).type.name == "NotFound":
-            continue
-        with fs.open_input_stream(path) as f:
-            lines = f.read().decode().splitlines()
-        for line in lines:
-            try:
-                result = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash
+        fs, base = open_filesystem(checkpoint)
+        frame = _read(fs, base, TRAINING_LOG)
+        if frame is None:
+            frame = _checkpoint_reports(fs, base.rsplit("/", 1)[0])
+        if len(frame):
+            frames.append(frame.assign(trial_id=trial.trial_id))
+    if not frames:
+        return pd.DataFrame(columns=CURVE_COLUMNS)
+    curves = pd.concat(frames, ignore_index=True).reindex(columns=CURVE_COLUMNS)
+    return curves.sort_values(["trial_id", "step"], kind="stable").reset_index(drop=True)
+
+
+def _checkpoint_reports(fs, trial_dir: str) -> pd.DataFrame:
+    """The training reports Tune kept in a trial folder's result.json (one per checkpoint) as curve rows."""
+    path = f"{trial_dir}/result.json"
+    if fs.get_file_info(path).type.name == "NotFound":
+        return pd.DataFrame()
+    with fs.open_input_stream(path) as f:
+        lines = f.read().decode().splitlines()
+    rows = []
+    for line in lines:
+        try:
+            result = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+        if result.get("split") == "train":
             rows.append(
                 {
-                    "trial_id": trial.trial_id,
-                    **{k: result.get(k) for k in ("steps", "fvu", "dead_fraction", "l0", "split")},
+                    "step": result.get("steps"),
+                    "seconds": result.get("time_total_s"),
+                    **{k: result.get(k) for k in ("tokens", "fvu", "l0", "dead_fraction", "lr")},
                 }
             )
-    return pd.DataFrame(rows, columns=["trial_id", "steps", "fvu", "dead_fraction", "l0", "split"])
+    # A trial retried from a checkpoint reported the steps after it again: its latest attempt's report counts.
+    return pd.DataFrame(rows).drop_duplicates("step", keep="last") if rows else pd.DataFrame()

@@ -12,7 +12,7 @@ the search algorithm, the training budget per trial and the resources per trial:
       activation: [topk, binary_topk]
       k: [16, 32]
     search: {algorithm: grid, objectives: {fvu: min}, max_concurrent: 2}
-    training: {steps: 500, batch_size: 1024, checkpoint_every: 100, eval_tokens: 16384}
+    training: {steps: 500, batch_size: 1024, checkpoint_every: 100, log_every: 10, eval_tokens: 16384}
     resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0, max_failures: 2}
 
 Every error names the field (dotted, e.g. `search.algorithm`) and what is allowed there.
@@ -90,6 +90,11 @@ class TrainingSpec(_Section):
     """Tokens per optimiser step (split across workers when there are several)."""
     checkpoint_every: PositiveInt = 200
     """Steps between trial checkpoints; a failed or interrupted trial resumes from the last one."""
+    log_every: PositiveInt = 10
+    """Steps between rows of each trial's training log (train FVU and L0 averaged over those steps, the fraction
+    of latents never fired so far, the learning rate, wall time; the last step always has a row). The log is
+    saved inside every checkpoint, so it costs no Tune report and resumes with the trial;
+    `analysis.training_curves` reads it and `analysis.convergence` judges from it whether FVU levelled off."""
     eval_tokens: PositiveInt | None = 50_000
     """Held-out tokens for the final metrics (null: the whole held-out split)."""
 
@@ -383,7 +388,8 @@ def describe_plan(spec: SweepSpec, widths: dict[str, dict[str, int]] | None, *, 
     epochs = f" = {per_trial / cache.train_tokens:.1f} passes over the train split" if cache.train_tokens else ""
     lines.append(
         f"  training   {training.steps:,} steps x {training.batch_size:,} tokens = {per_trial:,} tokens per trial"
-        f"{epochs}; checkpoint every {training.checkpoint_every:,} steps; held-out metrics on "
+        f"{epochs}; checkpoint every {training.checkpoint_every:,} steps, training log every "
+        f"{training.log_every:,}; held-out metrics on "
         f"{tokens(training.eval_tokens)} tokens"
     )
     cpus, gpus = res.workers * res.cpus_per_worker, res.workers * res.gpus_per_worker

@@ -3,9 +3,10 @@
     spec (validated) -> the activation cache (`bae cache`, resumed or reused)
       -> Ray Tune: grid search or Optuna (multi-objective with several objectives), at most
          `max_concurrent` trials at once, each holding `workers x (cpus, gpus)_per_worker`
-      -> each trial: builds or restores its coder, trains `steps` steps, checkpoints every
-         `checkpoint_every` steps (sae.safetensors + cfg.json + trainer state), then measures FVU, L0,
-         dead / frequent / dense fractions on held-out tokens and reports them with the final checkpoint
+      -> each trial: builds or restores its coder, trains `steps` steps, logs training metrics every
+         `log_every` steps, checkpoints every `checkpoint_every` steps (sae.safetensors + cfg.json + trainer
+         state + the training log so far, training_log.parquet), then measures FVU, L0, dead / frequent /
+         dense fractions on held-out tokens and reports them with the final checkpoint
          (one worker: in the trial's own process; several: a data-parallel TorchTrainer)
       -> <run>/trials.parquet: one row per finished or failed trial (config + metrics + checkpoint),
          rewritten as trials finish.
@@ -35,6 +36,7 @@ from bae_core.config import CoderConfig
 from bae_core.train import TrainConfig
 from ray_jobs.runtime import storage_path
 from ray_jobs.spec import CODER_FIELDS, LEXICAL_METRICS, METRICS, TRAIN_FIELDS, SpecError, SweepSpec
+from ray_jobs.train_job import TrainingLog
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ RESUMABLE_CHANGES = (
     "description",
     "search.max_concurrent",
     "resources.max_failures",
+    "training.log_every",
     # Read by `bae score` only.
     "scoring.fidelity_tokens",
     "scoring.ablation_bins",
@@ -66,9 +69,9 @@ def run_trial(config: dict[str, Any], *, spec_data: dict[str, Any], cache: str) 
     manifest = open_cache(cache)
     started = time.perf_counter()
     if spec.resources.workers > 1:
-        trainer, train_fvu = _train_distributed(spec, config, cache, hookpoint, coder, train)
+        trainer, train_fvu, history = _train_distributed(spec, config, cache, hookpoint, coder, train)
     else:
-        trainer, train_fvu = _train_in_process(spec, cache, manifest, hookpoint, coder, train)
+        trainer, train_fvu, history = _train_in_process(spec, cache, manifest, hookpoint, coder, train)
 
     from bae_core.metrics import evaluate_coder
 
@@ -99,6 +102,7 @@ def run_trial(config: dict[str, Any], *, spec_data: dict[str, Any], cache: str) 
     }
     with tempfile.TemporaryDirectory() as d:
         trainer.save_checkpoint(d)
+        history.save(d)
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(d))
 
 
@@ -116,7 +120,8 @@ def _trial_facts(trainer, hookpoint: str) -> dict[str, Any]:
 
 
 def _train_in_process(spec: SweepSpec, cache: str, manifest, hookpoint: str, coder: dict, train: dict):
-    """Train in the trial's own process, reading the cache with pyarrow; checkpoints go to Tune."""
+    """Train in the trial's own process, reading the cache with pyarrow; checkpoints, with the training log so
+    far, go to Tune."""
     import torch
     from ray import tune
 
@@ -131,9 +136,11 @@ def _train_in_process(spec: SweepSpec, cache: str, manifest, hookpoint: str, cod
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             trainer = Trainer.load_checkpoint(d, device=device)
+            history = TrainingLog.load(d, spec.training.log_every)
         log.info("trial resumes at step %d", trainer.step_count)
     else:
         trainer = Trainer(build_coder(ccfg, widths[x_col], widths[y_col] if y_col else None, seed=tcfg.seed), tcfg)
+        history = TrainingLog(spec.training.log_every)
     steps, every = spec.training.steps, spec.training.checkpoint_every
     # A resumed trial reads the data in a fresh order rather than repeating the batches it has seen.
     batches = iter_activation_batches(
@@ -149,6 +156,7 @@ def _train_in_process(spec: SweepSpec, cache: str, manifest, hookpoint: str, cod
     while trainer.step_count < steps:
         batch = next(batches)
         m = trainer.step(*(batch if isinstance(batch, tuple) else (batch,)))
+        history.add(trainer, m, last=trainer.step_count == steps)
         recent = [*recent[-(every - 1) :], m.fvu] if every > 1 else [m.fvu]
         if trainer.step_count % every == 0 and trainer.step_count < steps:
             rates = (trainer.firing_counts.double() / max(trainer.tokens_seen, 1)).cpu()
@@ -165,9 +173,10 @@ def _train_in_process(spec: SweepSpec, cache: str, manifest, hookpoint: str, cod
             }
             with tempfile.TemporaryDirectory() as d:
                 trainer.save_checkpoint(d)
+                history.save(d)
                 tune.report(progress, checkpoint=tune.Checkpoint.from_directory(d))
     trainer.eval_mode()
-    return trainer, (sum(recent) / len(recent) if recent else math.nan)
+    return trainer, (sum(recent) / len(recent) if recent else math.nan), history
 
 
 def _train_distributed(spec: SweepSpec, config: dict, cache: str, hookpoint: str, coder: dict, train: dict):
@@ -188,6 +197,7 @@ def _train_distributed(spec: SweepSpec, config: dict, cache: str, hookpoint: str
         steps=spec.training.steps,
         batch_size=spec.training.batch_size // res.workers,
         checkpoint_every=spec.training.checkpoint_every,
+        log_every=spec.training.log_every,
         workers=res.workers,
         cpus_per_worker=res.cpus_per_worker,
         gpus_per_worker=res.gpus_per_worker,
@@ -197,9 +207,10 @@ def _train_distributed(spec: SweepSpec, config: dict, cache: str, hookpoint: str
     result = run_train(job)
     with result.checkpoint.as_directory() as d:
         trainer = Trainer.load_checkpoint(d, device="cpu")
-    history = result.metrics_dataframe
-    train_fvu = float(history["fvu"].iloc[-1]) if history is not None and len(history) else math.nan
-    return trainer, train_fvu
+        history = TrainingLog.load(d, spec.training.log_every)
+    reports = result.metrics_dataframe
+    train_fvu = float(reports["fvu"].iloc[-1]) if reports is not None and len(reports) else math.nan
+    return trainer, train_fvu, history
 
 
 # ---- the driver ---------------------------------------------------------------------------------------
