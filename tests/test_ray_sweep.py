@@ -1,13 +1,19 @@
 """`bae sweep` in-process on a local Ray: grid and Optuna sweeps of real coders on the embedded model's cache."""
 
+import contextlib
+import json
 import os
+import threading
+import time
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import torch
 from judge_servers import FakeJudgeServer, Reply, Request, chat
 
+from analysis import training_curves
 from bae_core.cache import iter_activation_batches
 from bae_core.interp import ExampleOptions, coder_latent_scores, lexical_summary
 from bae_core.judge import JudgeConfig
@@ -86,6 +92,11 @@ def test_grid_sweep_trains_every_combination_and_writes_the_trials_table(
     assert trials["dead_fraction"].between(0, 1).all() and trials["error"].isna().all()
     assert (trials["failures"] == 0).all()
     assert (trials["model"] == "embedded:SmolLM2-135M-Instruct").all()
+    # Each trial's training log, every 10 steps, came with its final checkpoint.
+    curves = training_curves(trials)
+    assert curves.groupby("trial_id")["step"].apply(list).to_dict() == {t: [10, 20] for t in trials["trial_id"]}
+    assert (curves["tokens"] == curves["step"] * 128).all() and (curves["interval_steps"] == 10).all()
+    assert curves["fvu"].between(0, 2).all() and curves["l0"].between(0, 8 + 1e-6).all()
 
     # Each row's checkpoint is the trained coder: it reproduces the held-out FVU the row reports.
     row = trials[(trials["activation"] == "binary_topk") & (trials["kind"] == "sae")].iloc[0]
@@ -263,6 +274,84 @@ def test_a_multi_worker_trial_trains_with_a_data_parallel_torch_trainer(local_ra
     assert list((tmp_path / "run" / "train").glob(f"trial-{row['trial_id']}/checkpoint_*"))
     trainer = Trainer.load_checkpoint(row["checkpoint"])
     assert trainer.coder.cfg.kind == "skip_transcoder" and trainer.step_count == 20
+    # Rank 0 kept the training log, with the FVU and L0 averaged over both workers' batches.
+    curves = training_curves(trials)
+    assert curves["step"].tolist() == [10, 20] and curves["tokens"].tolist() == [1280, 2560]
+    assert (curves["interval_steps"] == 10).all() and curves["fvu"].between(0, 2).all()
+
+
+def trial_processes() -> list[psutil.Process]:
+    """The Tune trial processes of this test's Ray (Ray's workers are descendants of the process that started it)."""
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "ImplicitFunc" in " ".join(p.cmdline()):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def test_a_trial_killed_mid_training_resumes_its_training_log_without_repeating_a_step(
+    local_ray, cache_root, tmp_path, make_spec
+):
+    run = tmp_path / "run"
+    # One trial at a time, so the process killed is the one running the trial that has checkpointed. A row every
+    # 7 steps: no checkpoint (every 50 steps) falls on a row, so a trial resumed from one has a shorter interval.
+    spec = parse_spec(
+        make_spec(
+            run,
+            cache_root,
+            space={"activation": ["topk", "binary_topk"]},
+            search={"algorithm": "grid", "max_concurrent": 1},
+            training={"steps": 300, "checkpoint_every": 50, "log_every": 7},
+            scoring={"trial_latents": 0},
+            resources={"cpus_per_worker": 1, "max_failures": 2},
+        )
+    )
+    killed: list[int] = []
+
+    def reported_step(result_json) -> int:
+        steps = [0]
+        for line in result_json.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):  # the line Tune is writing
+                steps.append(json.loads(line).get("steps", 0))
+        return max(steps)
+
+    def kill_the_trial_after_its_second_checkpoint():
+        # Tune resumes from the checkpoints it has registered: wait until the driver has logged the second one.
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if any(reported_step(path) >= 100 for path in (run / "tune").glob("*/result.json")):
+                for p in trial_processes():
+                    killed.append(p.pid)
+                    p.kill()
+                return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_the_trial_after_its_second_checkpoint, daemon=True)
+    killer.start()
+    results = run_sweep(spec, quiet=True)
+    killer.join(timeout=5)
+
+    assert killed, "no trial process was found to kill"
+    trials = pd.read_parquet(run / TRIALS_TABLE).set_index("trial_id")
+    assert len(results) == 2 and (trials["status"] == "finished").all() and (trials["steps"] == 300).all()
+    assert trials["failures"].tolist() == [1, 0]  # the first trial was killed, and retried from a checkpoint
+    curves = training_curves(trials.reset_index())
+    assert set(curves["trial_id"]) == set(trials.index)
+    for trial_id, g in curves.groupby("trial_id"):
+        # Every logged step once, in order: the killed attempt's rows after its checkpoint are not there twice.
+        assert g["step"].tolist() == [*range(7, 300, 7), 300], trial_id
+        assert (g["tokens"] == g["step"] * 128).all() and g["seconds"].is_monotonic_increasing
+        assert g["interval_steps"].between(1, 7).all()
+        intervals = g["interval_steps"].sum()
+        if trials.loc[trial_id, "failures"]:
+            # Resumed from a checkpoint (at step 100, 150, 200 or 250), not from the start: the steps between its
+            # last row and that checkpoint are in no row.
+            assert 300 - 6 <= intervals < 300
+        else:
+            assert intervals == 300
 
 
 def test_lexical_scores_of_a_coder_and_of_the_mlp_neurons_on_the_real_cache(local_ray, tmp_path, make_spec):
