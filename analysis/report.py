@@ -14,9 +14,11 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import plots
-from analysis.claims import claims_table
+from analysis.claims import SPARSITY_TOLERANCE, claims_table
+from analysis.controls import control_checks, missed_controls
 from analysis.frontier import family, frontier_table
 from analysis.run import FRONTIER_TABLE, load_run, training_curves
+from bae_core.aggregate import MIN_TEST_WINDOWS
 from bae_core.cache import open_filesystem, write_bytes_atomic
 from bae_core.lexical import LABEL
 
@@ -39,28 +41,79 @@ def _markdown(frame: pd.DataFrame, floats: str = "{:.3f}") -> str:
     return "\n".join(lines)
 
 
+DICTIONARY_LABELS = {
+    "mlp_neurons": "MLP neurons, top-k (baseline)",
+    "token_control": "token control (expect ~1)",
+    "random_control": "random control (expect ~0.5)",
+}
+
+
+def _with_interval(value, low, high) -> str:
+    """`value [low, high]`, or the value alone when it has no interval."""
+    if not isinstance(value, float) or math.isnan(value):
+        return "–"
+    if isinstance(low, float) and math.isfinite(low):
+        return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+    return f"{value:.3f}"
+
+
 def _coders_summary(coders: pd.DataFrame) -> pd.DataFrame:
     rows = []
-    for r in coders.itertuples():
-        trained = isinstance(r.trial_id, str)
+    for r in coders.to_dict("records"):
+        trained = isinstance(r.get("trial_id"), str)
+        name = family(r["activation"], r["kind"]) if trained else DICTIONARY_LABELS.get(r.get("dictionary"), "")
+        if r.get("underpowered"):
+            name += " **(underpowered)**"
         rows.append(
             {
-                "dictionary": family(r.activation, r.kind) if trained else "MLP neurons, top-k (baseline)",
-                "k": r.k,
-                "hookpoint": r.hookpoint,
-                "FVU": getattr(r, "fvu", math.nan) if trained else math.nan,
-                "CE increase": getattr(r, "ce_increase", math.nan),
-                "loss recovered": getattr(r, "loss_recovered", math.nan),
-                "dead": r.dead_fraction,
-                "> 1%": r.frequent_fraction,
-                "> 10%": r.dense_fraction,
-                "coverage": r.coverage,
-                "AUROC": r.token_auroc,
-                "AUROC (freq-weighted)": r.token_auroc_weighted,
-                "shuffled": r.shuffled_token_auroc,
+                "dictionary": name,
+                "k": r["k"] if trained or r.get("dictionary") == "mlp_neurons" else "–",
+                "L0 (held-out)": r.get("l0_heldout", math.nan),
+                "FVU": r.get("fvu", math.nan) if trained else math.nan,
+                "CE increase": r.get("ce_increase", math.nan),
+                "loss recovered": r.get("loss_recovered", math.nan),
+                "dead": r["dead_fraction"],
+                "> 1%": r["frequent_fraction"],
+                "> 10%": r["dense_fraction"],
+                "eligible": r.get("eligible"),
+                "test windows (median)": r.get("test_windows_median", math.nan),
+                "AUROC [95% CI]": _with_interval(
+                    r["token_auroc"], r.get("token_auroc_ci_low"), r.get("token_auroc_ci_high")
+                ),
+                "freq-weighted [95% CI]": _with_interval(
+                    r["token_auroc_weighted"],
+                    r.get("token_auroc_weighted_ci_low"),
+                    r.get("token_auroc_weighted_ci_high"),
+                ),
+                "shuffled": r.get("shuffled_token_auroc", math.nan),
             }
         )
     return pd.DataFrame(rows)
+
+
+def _seeds_summary(coders: pd.DataFrame) -> pd.DataFrame:
+    """Settings trained with several seeds: the mean and standard deviation over seeds."""
+    from bae_core.aggregate import across_seeds
+
+    trained = coders[coders["trial_id"].notna()]
+    if trained.empty or "seed" not in trained or trained["seed"].nunique() < 2:
+        return pd.DataFrame()
+    columns = ["fvu", "l0_heldout", "ce_increase", "token_auroc", "token_auroc_weighted"]
+    table = across_seeds(trained, columns, ["hookpoint", "activation", "kind", "k", "num_latents"])
+    out = pd.DataFrame(
+        {
+            "dictionary": [family(a, k) for a, k in zip(table["activation"], table["kind"], strict=True)],
+            "k": table["k"],
+            "seeds": table["seeds"],
+        }
+    )
+    for c in columns:
+        if f"{c}_mean" in table:
+            out[c] = [
+                "–" if math.isnan(m) else f"{m:.3f} ± {s:.3f}" if math.isfinite(s) else f"{m:.3f}"
+                for m, s in zip(table[f"{c}_mean"], table[f"{c}_std"], strict=True)
+            ]
+    return out
 
 
 def write_report(run_dir: str, out_dir: str | None = None) -> Path:
@@ -129,9 +182,12 @@ def _render(run_dir, tables, frontier, claims, figures) -> str:
         "code version": first.get("code_version"),
     }
     on_front = frontier[(frontier["group"] == "all") & frontier["on_frontier"]] if not frontier.empty else frontier
-    parts = [
-        f"# Report: {Path(str(run_dir)).name}",
-        "",
+    checks = control_checks(coders)
+    warning = missed_controls(checks)
+    parts = [f"# Report: {Path(str(run_dir)).name}", ""]
+    if warning:
+        parts += [f"> **Warning: {warning}**", ""]
+    parts += [
         "\n".join(f"- **{k}**: {v}" for k, v in settings.items() if v not in (None, "")),
         "",
         "## What the interpretability score is, and is not",
@@ -147,15 +203,37 @@ def _render(run_dir, tables, frontier, claims, figures) -> str:
         "## The paper's claims, on this run's numbers",
         "",
         "Comparisons are between coders that differ only in the compared property (same hookpoint, kind, k, "
-        "dictionary size and seed). A claim agrees when every matched pair points the paper's way. The verdicts "
-        f"state what this run's numbers show ({_scale(trials)}); a small run is a check of the pipeline, not "
-        "evidence for or against the paper.",
+        "dictionary size and seed). Each claim's number is the mean paired difference over the run's settings, "
+        "with a 95% bootstrap interval that resamples each coder's latents and, where a setting has several seeds, "
+        "its seeds. A claim agrees or disagrees only when that interval excludes zero; otherwise it is "
+        "inconclusive at this run's size. FVU and spliced CE rest on one coder per seed: with one seed per setting "
+        f"they have no interval. This run: {_scale(trials)}.",
         "",
         _markdown(claims[["claim", "verdict", "measured", "paper"]]),
         "",
+        "Sparsity of the compared coders (binary top-k fires fewer than k latents per token, so the same k is not "
+        f"the same sparsity; differences above {SPARSITY_TOLERANCE:.0%} are flagged):",
+        "",
+        "\n".join(
+            f"- claim {c.split('.')[0]}: {n}" for c, n in zip(claims["claim"], claims["sparsity"], strict=True) if n
+        )
+        or "_(not measured)_",
+        "",
+        "## Controls",
+        "",
+        "Known answers scored through the same pipeline: a token control whose latents fire exactly on single "
+        "frequent tokens, a random control with the same firing counts at random positions, and each coder's "
+        "shuffled control.",
+        "",
+        _markdown(checks) if not checks.empty else "_(none scored)_",
+        "",
         "## Coders",
         "",
-        "Density and scores on held-out tokens; CE increase and loss recovered with the coder spliced into the model.",
+        "Density and scores on held-out tokens; CE increase and loss recovered with the coder spliced into the model. "
+        "Each score is the mean over the dictionary's eligible latents, with a 95% bootstrap interval (latents "
+        "resampled); `eligible` is how many latents it rests on and `test windows (median)` the median number of "
+        "activating test windows behind each latent's score (as many non-activating ones are drawn). A dictionary "
+        f"whose median is below {MIN_TEST_WINDOWS} is marked underpowered.",
         "",
         _markdown(_coders_summary(coders)),
         "",
@@ -192,6 +270,9 @@ def _render(run_dir, tables, frontier, claims, figures) -> str:
             _markdown(table[["coder", "bin", "latents", "mean_score", "relative_ce_increase"]]),
             "",
         ]
+    seeds = _seeds_summary(coders)
+    if not seeds.empty:
+        parts += ["## Across seeds", "", "Mean ± standard deviation over seeds, per setting.", "", _markdown(seeds), ""]
     parts += [
         "## Tables",
         "",

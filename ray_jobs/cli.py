@@ -510,6 +510,7 @@ def format_coders(coders) -> str:
     columns = [
         ("dictionary", "dictionary"),
         ("k", "k"),
+        ("l0_heldout", "L0"),
         ("hookpoint", "hookpoint"),
         ("ce_increase", "CE+"),
         ("loss_recovered", "recovered"),
@@ -518,17 +519,31 @@ def format_coders(coders) -> str:
         ("frequent_fraction", ">1%"),
         ("dense_fraction", ">10%"),
         ("coverage", "coverage"),
+        ("eligible", "eligible"),
+        ("test_windows_median", "tests"),
         ("token_auroc", "AUROC"),
+        ("auroc_ci", "95% CI"),
         ("token_auroc_weighted", "AUROC(freq)"),
         ("shuffled_token_auroc", "shuffled"),
         ("detection_balanced_accuracy", "LLM det"),
         ("fuzzing_balanced_accuracy", "LLM fuzz"),
         ("llm_failed_fraction", "LLM failed"),
     ]
+    coders = coders.copy()
+    if "token_auroc_ci_low" in coders:
+        coders["auroc_ci"] = [
+            f"[{lo:.3f}, {hi:.3f}]" if lo == lo else "-"
+            for lo, hi in zip(coders["token_auroc_ci_low"], coders["token_auroc_ci_high"], strict=True)
+        ]
+    if "underpowered" in coders:
+        coders["dictionary"] = [
+            f"{d} (underpowered)" if u else d for d, u in zip(coders["dictionary"], coders["underpowered"], strict=True)
+        ]
     present = [(c, h) for c, h in columns if c in coders.columns]
     table = coders[[c for c, _ in present]].rename(columns=dict(present))
     return (
-        f"AUROC: {LABEL}, mean token AUROC over eligible latents (0.5 = chance); CE+: spliced CE increase (nats)\n"
+        f"AUROC: {LABEL}, mean token AUROC over eligible latents (0.5 = chance) with its 95% bootstrap interval; "
+        "tests: median activating test windows per eligible latent; L0: held-out; CE+: spliced CE increase (nats)\n"
         + table.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-")
     )
 

@@ -15,7 +15,7 @@ from judge_servers import FakeJudgeServer, Reply, Request, chat
 
 from analysis import training_curves
 from bae_core.cache import iter_activation_batches
-from bae_core.interp import ExampleOptions, coder_latent_scores, lexical_summary
+from bae_core.interp import CONTROL_LATENTS, ExampleOptions, coder_latent_scores, lexical_summary
 from bae_core.judge import JudgeConfig
 from bae_core.lm import load_model
 from bae_core.train import TrainConfig, Trainer
@@ -127,8 +127,11 @@ def test_grid_sweep_trains_every_combination_and_writes_the_trials_table(
     latents = run_score(
         str(tmp_path / "run"), min_examples=5, fidelity_tokens=128, ablation_bins=2, latents_per_task=500
     )
-    assert len(latents) == 4 * 1152 + 1536
-    assert set(latents["coder_id"]) == {f"trial-{t}" for t in trials["trial_id"]} | {"neurons-layers.3.mlp-k8"}
+    controls = {"token-control-layers.3.mlp", "random-control-layers.3.mlp"}
+    assert len(latents) == 4 * 1152 + 1536 + 2 * CONTROL_LATENTS
+    assert (
+        set(latents["coder_id"]) == {f"trial-{t}" for t in trials["trial_id"]} | {"neurons-layers.3.mlp-k8"} | controls
+    )
     assert {"latent", "firing_count", "firing_rate", "eligible", "explanation", "token_auroc", "window_auroc"} <= set(
         latents.columns
     )
@@ -156,7 +159,15 @@ def test_grid_sweep_trains_every_combination_and_writes_the_trials_table(
     pd.testing.assert_frame_equal(sliced[whole.columns], whole, check_dtype=False)
     assert not (tmp_path / "run" / "scores" / f"trial-{row['trial_id']}").exists()  # slice files merged
     coders = pd.read_parquet(tmp_path / "run" / CODERS_TABLE)
-    assert len(coders) == 5 and (coders["alive"] <= coders["latents"]).all() and (coders["eligible"] > 0).all()
+    assert len(coders) == 7 and (coders["alive"] <= coders["latents"]).all() and (coders["eligible"] > 0).all()
+    # Every score with its basis; the controls at their known answers.
+    assert (coders["token_auroc_ci_low"] <= coders["token_auroc"]).all()
+    assert (coders["token_auroc"] <= coders["token_auroc_ci_high"]).all()
+    assert (coders["token_auroc_ci_high"] - coders["token_auroc_ci_low"] > 0.005).sum() >= 5  # all but the controls
+    assert (coders["test_windows_median"] >= 1).all() and coders["underpowered"].dtype == bool
+    by_dictionary = coders.set_index("dictionary")
+    assert by_dictionary.loc["token_control", "token_auroc"] > 0.95
+    assert abs(by_dictionary.loc["random_control", "token_auroc"] - 0.5) < 0.1
     pd.testing.assert_frame_equal(
         coders[["coder_id", "eligible", "token_auroc"]], summarize(latents)[["coder_id", "eligible", "token_auroc"]]
     )
@@ -189,14 +200,16 @@ def test_grid_sweep_trains_every_combination_and_writes_the_trials_table(
     run = str(tmp_path / "run")
     with FakeJudgeServer(always_yes) as server:
         config = JudgeConfig(base_url=server.base_url, model="fake", cache_dir=str(tmp_path / "llm-cache"))
-        options = ScoreOptions.from_run(run, min_examples=5, judge="llm", llm=config, llm_latents=3)
+        options = ScoreOptions.from_run(
+            run, min_examples=5, fidelity_tokens=128, ablation_bins=2, judge="llm", llm=config, llm_latents=3
+        )
         judged = run_score(run, options)
-        assert server.kinds["explain"] == 5 * 3 and server.kinds["detection"] == server.kinds["fuzzing"] > 0
+        assert server.kinds["explain"] == 7 * 3 and server.kinds["detection"] == server.kinds["fuzzing"] > 0
         requests = server.requests
         run_score(run, options)  # everything is on disk: no request
         assert server.requests == requests
     judged = judged[judged["llm_prompts"].notna()]
-    assert judged.groupby("coder_id").size().tolist() == [3] * 5 and judged["eligible"].all()
+    assert judged.groupby("coder_id").size().tolist() == [3] * 7 and judged["eligible"].all()
     assert (judged["detection_balanced_accuracy"] == 0.5).all() and (judged["fuzzing_balanced_accuracy"] == 0.5).all()
     assert (judged["llm_failed_prompts"] == 0).all() and (judged["judge_model"] == "fake").all()
     assert (judged["llm_explanation"] == "a test").all() and judged["prompt_version"].notna().all()
@@ -210,6 +223,20 @@ def test_grid_sweep_trains_every_combination_and_writes_the_trials_table(
     scored = {d: mtimes_of(tmp_path / "run" / d) for d in ("scores", "evaluation")}
     run_score(str(tmp_path / "run"), min_examples=5, fidelity_tokens=128, ablation_bins=2)
     assert {d: mtimes_of(tmp_path / "run" / d) for d in ("scores", "evaluation")} == scored
+
+    # Other scoring settings redo what they change, and say why; so does a file from before settings were recorded.
+    old_file = tmp_path / "run" / "scores" / "neurons-layers.3.mlp-k8.parquet"
+    pd.read_parquet(old_file).drop(columns="scoring_settings").to_parquet(old_file)
+    notices = []
+    redone = run_score(
+        run, min_examples=5, test_windows=20, fidelity_tokens=128, ablation_bins=2, notice=notices.append
+    )
+    after = {d: mtimes_of(tmp_path / "run" / d) for d in ("scores", "evaluation")}
+    for d in ("scores", "evaluation"):
+        assert all(after[d][name] != scored[d][name] for name in scored[d] if name.endswith((".parquet", ".json")))
+    assert any("test_windows=50 (now 20)" in n for n in notices)
+    assert any("neurons-layers.3.mlp-k8.parquet: written before scoring settings" in n for n in notices)
+    assert redone["test_activating_windows"].max() == 20
 
     # ... and the same folder refuses a sweep with other settings, naming the first difference.
     other = parse_spec(make_spec(tmp_path / "run", cache_root, coder={"expansion_factor": 2, "k": 4}))
