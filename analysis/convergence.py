@@ -13,8 +13,9 @@ The rule, applied to each trial's training log (`analysis.run.training_curves`: 
    the window's first step, with a 95% interval from the interval of the Theil-Sen slope.
 4. Verdict: "levelled off" when the relative drop is below `threshold` (default 2%, i.e. FVU fell by less than
    2% of its value over the last fifth of training) and above -threshold; "still falling" when it is at least
-   `threshold`; "rising" when FVU grew by at least `threshold` (an unstable run). A trial without a training log
-   is "no training log".
+   `threshold`; "rising" when FVU grew by at least `threshold`. A trial without a training log is "no training
+   log". The verdict follows the line's estimate; the interval beside it says how sure that is (at batch 1024,
+   10-step means of train FVU still scatter by several percent, so a short window can leave it wide).
 
 A coder that is "still falling" has not reached the FVU its size and k allow: a longer run would lower it, so
 comparisons between such coders compare training budgets as much as architectures.
@@ -168,7 +169,7 @@ def convergence_summary(table: pd.DataFrame, threshold: float = THRESHOLD) -> st
             f"the window, against a {threshold:.0%} threshold): their FVU is not what a longer run would reach"
         )
     if counts.get(RISING, 0):
-        parts.append(f"{counts[RISING]} rose at the end (an unstable run)")
+        parts.append(f"{counts[RISING]} rose over the window (train FVU up by {threshold:.0%} or more)")
     text = "; ".join(parts) + "."
     if unjudged:
         text += f" {unjudged} not judged (too few logged steps, or no training log)."

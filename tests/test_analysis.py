@@ -126,7 +126,7 @@ def test_convergence_verdicts_on_hand_made_curves():
     assert convergence_table(curves, trials, threshold=0.2).set_index("trial_id").loc["steep", "verdict"] == LEVELLED
     summary = convergence_summary(table)
     assert summary.startswith("2 of 5 coders had levelled off") and "2 were still falling" in summary
-    assert "1 rose at the end" in summary and "2 not judged" in summary
+    assert "1 rose over the window" in summary and "2 not judged" in summary
     with pytest.raises(ValueError, match="window"):
         convergence_table(curves, trials, window=0)
 
