@@ -16,6 +16,7 @@ import pandas as pd
 from analysis import plots
 from analysis.claims import SPARSITY_TOLERANCE, claims_table
 from analysis.controls import control_checks, missed_controls
+from analysis.convergence import FALLING, convergence_summary, convergence_table, describe_rule
 from analysis.frontier import family, frontier_table
 from analysis.run import FRONTIER_TABLE, load_run, training_curves
 from bae_core.aggregate import MIN_TEST_WINDOWS
@@ -91,6 +92,27 @@ def _coders_summary(coders: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _convergence_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per coder: its last logged step, the FVU drop over the last part of training with its interval, and the
+    verdict."""
+    return pd.DataFrame(
+        {
+            "dictionary": table["family"] if "family" in table else table["trial_id"],
+            "k": table.get("k"),
+            "seed": table.get("seed"),
+            "steps": table["steps"],
+            "train FVU at the end": table["fvu_end"],
+            "FVU drop over the window [95% CI]": [
+                "–" if not isinstance(d, float) or math.isnan(d) else f"{d:.1%} [{lo:.1%}, {hi:.1%}]"
+                for d, lo, hi in zip(
+                    table["relative_drop"], table["relative_drop_low"], table["relative_drop_high"], strict=True
+                )
+            ],
+            "verdict": table["verdict"],
+        }
+    )
+
+
 def _seeds_summary(coders: pd.DataFrame) -> pd.DataFrame:
     """Settings trained with several seeds: the mean and standard deviation over seeds."""
     from bae_core.aggregate import across_seeds
@@ -133,15 +155,18 @@ def write_report(run_dir: str, out_dir: str | None = None) -> Path:
         raise ValueError(f"out_dir: the report is written to a local folder, got {out}; pass --out")
     out.mkdir(parents=True, exist_ok=True)
     coders, latents, trials = tables.coders, tables.latents, tables.trials
+    curves = training_curves(trials)
+    finished = trials[trials["status"] == "finished"]
+    convergence = convergence_table(curves, finished) if len(finished) else pd.DataFrame()
     figures = {
         "frontier": plots.frontier(frontier, out / "frontier.png", LABEL),
         "firing rates": plots.firing_rates(latents, coders, out / "firing_rates.png"),
         "firing rate vs score": plots.rate_vs_score(latents, coders, out / "rate_vs_score.png", LABEL),
         "ablation by score": plots.ablation(tables.ablation, coders, out / "ablation.png"),
-        "training": plots.training(training_curves(trials), trials, out / "training.png"),
+        "training": plots.training(curves, trials, out / "training.png"),
     }
     claims = claims_table(coders, latents)
-    text = _render(run_dir, tables, frontier, claims, figures)
+    text = _render(run_dir, tables, frontier, claims, figures, convergence)
     path = out / "report.md"
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(text)
@@ -162,7 +187,7 @@ def _heldout_tokens(latents: pd.DataFrame) -> str:
     return f"{round(alive['firing_count'].iloc[0] / alive['firing_rate'].iloc[0]):,}" if len(alive) else ""
 
 
-def _render(run_dir, tables, frontier, claims, figures) -> str:
+def _render(run_dir, tables, frontier, claims, figures, convergence) -> str:
     trials, coders = tables.trials, tables.coders
     finished = trials[trials["status"] == "finished"]
     first = finished.iloc[0] if len(finished) else trials.iloc[0]
@@ -254,7 +279,8 @@ def _render(run_dir, tables, frontier, claims, figures) -> str:
         "firing rate vs score": "Firing rate against score, latent by latent.",
         "ablation by score": "Ablation by score: latents sorted by score and cut into bins of equal firing mass; "
         "each bin zero-ablated inside the spliced coder.",
-        "training": "Training: FVU and dead fraction at each checkpoint, and on held-out tokens at the end (crosses).",
+        "training": "Training: train FVU and dead fraction along training (each point the mean since the one "
+        "before), and on held-out tokens at the end (crosses).",
     }
     for name, caption in captions.items():
         figure = figures.get(name)
@@ -270,6 +296,15 @@ def _render(run_dir, tables, frontier, claims, figures) -> str:
             _markdown(table[["coder", "bin", "latents", "mean_score", "relative_ce_increase"]]),
             "",
         ]
+    if not convergence.empty:
+        parts += ["## Convergence", "", convergence_summary(convergence), describe_rule(), ""]
+        if (convergence["verdict"] == FALLING).any():
+            parts += [
+                "Coders still falling had not reached the FVU their size and k allow: comparisons between them "
+                "compare training budgets as much as architectures.",
+                "",
+            ]
+        parts += [_markdown(_convergence_summary(convergence)), ""]
     seeds = _seeds_summary(coders)
     if not seeds.empty:
         parts += ["## Across seeds", "", "Mean ± standard deviation over seeds, per setting.", "", _markdown(seeds), ""]
