@@ -92,6 +92,15 @@ def _coders_summary(coders: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _sparsity_notes(claims: pd.DataFrame) -> str:
+    """One line per distinct comparison (claims on the same pairs share theirs), naming its claims."""
+    notes: dict[str, list[str]] = {}
+    for claim, note in zip(claims["claim"], claims["sparsity"], strict=True):
+        if note:
+            notes.setdefault(note, []).append(claim.split(".")[0])
+    return "\n".join(f"- claims {', '.join(c)}: {note}" for note, c in notes.items())
+
+
 def _convergence_summary(table: pd.DataFrame) -> pd.DataFrame:
     """Per coder: its last logged step, the FVU drop over the last part of training with its interval, and the
     verdict."""
@@ -239,10 +248,7 @@ def _render(run_dir, tables, frontier, claims, figures, convergence) -> str:
         "Sparsity of the compared coders (binary top-k fires fewer than k latents per token, so the same k is not "
         f"the same sparsity; differences above {SPARSITY_TOLERANCE:.0%} are flagged):",
         "",
-        "\n".join(
-            f"- claim {c.split('.')[0]}: {n}" for c, n in zip(claims["claim"], claims["sparsity"], strict=True) if n
-        )
-        or "_(not measured)_",
+        _sparsity_notes(claims) or "_(not measured)_",
         "",
         "## Controls",
         "",
