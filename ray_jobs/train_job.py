@@ -148,13 +148,30 @@ class TrainJob:
         return self.name or self.hookpoint
 
 
+SHUFFLE_BUFFER_BATCHES = 8
+SHUFFLE_BUFFER_ROWS = 65_536
+"""A worker shuffles its rows in a buffer of at least this many rows (and of 8 batches)."""
+
+
 def _batches(job: TrainJob, dtype: str, widths: dict[str, int], x_col: str, y_col: str | None):
     """Endless (x, y) float32 batches from this worker's dataset shard (epochs repeat)."""
     import ray.train
 
     shard = ray.train.get_dataset_shard("train")
+    # Rows of several shards mix in a local buffer, so a batch is not a run of consecutive sequences of one shard
+    # (the in-process reader mixes a window of shards the same way).
+    buffer = max(SHUFFLE_BUFFER_BATCHES * job.batch_size, SHUFFLE_BUFFER_ROWS)
+    seed = TrainConfig.from_dict(job.train).seed
+    epoch = 0
     while True:
-        for batch in shard.iter_batches(batch_size=job.batch_size, batch_format="numpy", drop_last=True):
+        epoch += 1
+        for batch in shard.iter_batches(
+            batch_size=job.batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=buffer,
+            local_shuffle_seed=seed * 1_000_003 + epoch,
+        ):
             x = torch.from_numpy(unpack_activations(batch[x_col], dtype, widths[x_col]))
             y = torch.from_numpy(unpack_activations(batch[y_col], dtype, widths[y_col])) if y_col else None
             yield x, y
