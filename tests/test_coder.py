@@ -80,7 +80,7 @@ def trained(activation: str, kind: str, steps: int = 3) -> tuple[SparseCoder, to
     torch.manual_seed(0)
     k = 4
     coder = build_coder(CoderConfig(activation=activation, kind=kind, k=k, num_latents=32), 8, 8, seed=7)
-    trainer = Trainer(coder, TrainConfig(log_every=0, l0_coef=None))
+    trainer = Trainer(coder, TrainConfig(log_every=0))
     x = torch.randn(64, 8)
     y = x @ torch.randn(8, 8) if coder.cfg.is_transcoder else None
     for _ in range(steps):
@@ -243,13 +243,14 @@ def test_initialisation(activation, kind, decoder):
 
 
 def test_l0_penalty_holds_dense_binary_code_near_k():
-    # Through the threshold alone the penalty lets encoder and threshold grow together and L0 escapes
-    # (measured: L0 ~20 at step 300 and ~130 at step 700 for a target of 4).
+    # The optional penalty, without the controller. Through the threshold alone it lets encoder and threshold
+    # grow together and L0 escapes (measured: L0 ~20 at step 300 and ~130 at step 700 for a target of 4).
     from bae_core.synthetic import SyntheticConfig, SyntheticData
 
     cfg = CoderConfig(activation="binary_threshold", k=4, num_latents=512, temperature=0.5, init_threshold=0.3)
     trainer = Trainer(
-        build_coder(cfg, 64), TrainConfig(optimizer="adam", lr=3e-3, lr_warmup_steps=50, l0_coef=1.0, log_every=0)
+        build_coder(cfg, 64),
+        TrainConfig(optimizer="adam", lr=3e-3, lr_warmup_steps=50, l0_coef=1.0, l0_control=0, log_every=0),
     )
     history = trainer.fit(SyntheticData(SyntheticConfig()).batches(1024, transcoder=False), max_steps=300)
     assert history[0].l0 > 8
