@@ -180,3 +180,18 @@ def test_data_parallel_workers_apply_the_same_l0_correction():
     mp.spawn(_controlled_worker, args=(port, out), nprocs=2, join=True)
     torch.testing.assert_close(out[0], out[1], rtol=0, atol=0)
     assert not torch.equal(out[0], torch.full((64,), math.log(0.004)))
+
+
+def test_default_learning_rates_follow_the_binary_rule_with_either_optimiser():
+    from bae_core.train import default_lr
+
+    def coder(activation):
+        return build_coder(CoderConfig(activation=activation, k=16, num_latents=2304), 576)
+
+    binary_rule = 3e-3 / math.sqrt(2304 / 2**15)
+    for optimizer in ("signum", "adam"):
+        assert default_lr(coder("binary_topk"), optimizer) == pytest.approx(binary_rule)
+        assert default_lr(coder("binary_threshold"), optimizer) == pytest.approx(binary_rule)
+    assert default_lr(coder("topk"), "adam") == pytest.approx(2e-4 / math.sqrt(2304 / 2**14))
+    assert default_lr(coder("topk"), "signum") == pytest.approx(5e-3 / math.sqrt(2304 / 2**14))
+    assert default_lr(coder("binary_groupmax"), "signum") == 3e-2
