@@ -56,7 +56,8 @@ def frontier_table(coders: pd.DataFrame) -> pd.DataFrame:
         for y in (m for m in INTERPRETABILITY if m in trained.columns):
             for group, members in [("all", trained), *trained.groupby("family", sort=True)]:
                 mask = pareto_mask(members[x].to_numpy(dtype=float), members[y].to_numpy(dtype=float))
-                part = members[["coder_id", "trial_id", "family", "activation", "kind", "hookpoint", "k"]].copy()
+                labels = ["coder_id", "trial_id", "family", "activation", "kind", "hookpoint", "k", "l0_heldout"]
+                part = members[[c for c in labels if c in members.columns]].copy()
                 part["group"] = group
                 part["reconstruction_metric"], part["reconstruction"] = x, members[x].to_numpy(dtype=float)
                 part["interpretability_metric"], part["interpretability"] = y, members[y].to_numpy(dtype=float)

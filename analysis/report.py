@@ -276,7 +276,9 @@ def _render(run_dir, tables, frontier, claims, figures, convergence) -> str:
     parts += [
         "Coders on the Pareto frontier of the whole run (no other coder has both lower error and a higher score):",
         "",
-        _markdown(on_front[["family", "k", *FRONTIER_COLUMNS]]) if not on_front.empty else "_(not measured)_",
+        _markdown(on_front[["family", "k", *(["l0_heldout"] if "l0_heldout" in on_front else []), *FRONTIER_COLUMNS]])
+        if not on_front.empty
+        else "_(not measured)_",
         "",
     ]
     captions = {

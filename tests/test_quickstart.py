@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from analysis import load_run
+from analysis import load_run, training_curves
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -44,6 +44,14 @@ def test_quickstart_study_writes_the_report_the_tables_and_the_plots(tmp_path):
     assert {"coder_id", "latent", "firing_rate", "eligible", "explanation", "token_auroc"} <= set(tables.latents)
     assert len(tables.coders) == 8 + 2 + 2  # 8 coders, the neuron baseline at each k, the two controls
     assert {"fvu", "ce_increase", "loss_recovered", "token_auroc", "token_auroc_weighted"} <= set(tables.coders)
+    # The values the spec set: spliced loss on whole held-out sequences of 64 tokens holding 128 (each predicts 63),
+    # 2 ablation bins per coder, 20 training steps with a training log every 10.
+    trained = tables.coders[tables.coders["trial_id"].notna()]
+    assert (trained["fidelity_tokens"] == 2 * 63).all() and (trained["steps"] == 20).all()
+    assert (tables.ablation.groupby("coder_id")["bin"].nunique() == 2).all() and len(tables.ablation) == 8 * 2
+    assert (tables.coders["eligible"] > 0).all() and (tables.coders["test_windows_median"] >= 1).all()
+    curves = training_curves(tables.trials)
+    assert curves.groupby("trial_id")["step"].apply(list).tolist() == [[10, 20]] * 8
     frontier = pd.read_parquet(run / "frontier.parquet")
     assert {"family", "group", "reconstruction", "interpretability", "on_frontier"} <= set(frontier.columns)
     assert set(frontier["family"]) == {"binary SAE", "continuous SAE", "binary transcoder", "continuous transcoder"}
@@ -51,6 +59,7 @@ def test_quickstart_study_writes_the_report_the_tables_and_the_plots(tmp_path):
 
     text = report.read_text()
     assert "lexical explainability (token/bigram rules)" in text and "## The paper's claims" in text
+    assert "## Controls" in text and "## Convergence" in text and "95% CI" in text and "Warning" not in text
     for claim in range(1, 6):
         assert f"| {claim}. " in text
     for png in ("frontier", "firing_rates", "rate_vs_score", "ablation", "training"):
