@@ -122,7 +122,7 @@ def _convergence_summary(table: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def _seeds_summary(coders: pd.DataFrame) -> pd.DataFrame:
+def seeds_summary(coders: pd.DataFrame) -> pd.DataFrame:
     """Settings trained with several seeds: the mean and standard deviation over seeds."""
     from bae_core.aggregate import across_seeds
 
@@ -313,7 +313,7 @@ def _render(run_dir, tables, frontier, claims, figures, convergence) -> str:
                 "",
             ]
         parts += [_markdown(_convergence_summary(convergence)), ""]
-    seeds = _seeds_summary(coders)
+    seeds = seeds_summary(coders)
     if not seeds.empty:
         parts += ["## Across seeds", "", "Mean ± standard deviation over seeds, per setting.", "", _markdown(seeds), ""]
     parts += [

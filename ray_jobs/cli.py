@@ -496,6 +496,11 @@ def run_score_cmd(args: argparse.Namespace) -> int:
     latents = run_score(run, options, progress=progress, notice=notice)
     coders = read_table(run, CODERS_TABLE)
     print(format_coders(coders))
+    from analysis.report import seeds_summary
+
+    seeds = seeds_summary(coders)
+    if not seeds.empty:
+        print("across seeds (mean ± standard deviation):\n" + seeds.to_string(index=False))
     print(
         f"{len(latents)} latents of {len(coders)} dictionaries scored in {time.perf_counter() - start:.0f}s; "
         f"tables: {run.rstrip('/')}/{LATENTS_TABLE}, {run.rstrip('/')}/{CODERS_TABLE}"
