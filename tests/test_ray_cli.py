@@ -119,7 +119,7 @@ def test_sweep_whose_driver_is_killed_resumes_without_retraining_finished_trials
     assert {p: t for p, t in mtimes(run / "scores", "*.parquet").items() if p in written} == written
     latents = pd.read_parquet(run / "latents.parquet")
     coders = pd.read_parquet(run / "coders.parquet")
-    assert set(latents["coder_id"]) == set(coders["coder_id"]) and len(coders) == 4 + 1  # and the baseline
+    assert set(latents["coder_id"]) == set(coders["coder_id"]) and len(coders) == 4 + 1 + 2  # baseline, controls
     assert coders["ce_increase"].notna().sum() == 4 and (coders["fidelity_tokens"].dropna() == 2 * 31).all()
 
 
