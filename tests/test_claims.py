@@ -150,3 +150,27 @@ def test_spread_over_seeds():
     row = table[(table["activation"] == "topk") & (table["kind"] == "sae")].iloc[0]
     assert row["seeds"] == 3 and row["fvu_mean"] == pytest.approx(0.15)
     assert row["fvu_std"] == pytest.approx(0.15 * 0.02)
+
+
+def test_controls_that_miss_their_known_answers_are_named():
+    from analysis.controls import control_checks, missed_controls
+
+    coders = pd.DataFrame(
+        {
+            "coder_id": ["trial-a", "token-control-h", "random-control-h"],
+            "trial_id": ["a", None, None],
+            "dictionary": ["topk sae", "token_control", "random_control"],
+            "token_auroc": [0.7, 0.99, 0.51],
+            "shuffled_token_auroc": [0.5, 0.5, 0.5],
+            "eligible": [100, 32, 30],
+        }
+    )
+    checks = control_checks(coders)
+    assert checks["control"].tolist() == ["shuffled control", "token control", "random control"]
+    assert checks["ok"].all() and missed_controls(checks) == ""
+    broken = coders.assign(token_auroc=[0.7, 0.80, 0.62], shuffled_token_auroc=[0.58, 0.5, 0.5])
+    warning = missed_controls(control_checks(broken))
+    assert warning.startswith("3 of 3 controls missed their expected values")
+    assert "token control of token-control-h: 0.800, expected >= 0.95" in warning
+    assert "shuffled control of trial-a: 0.580" in warning
+    assert "No control was scored" in missed_controls(control_checks(coders.iloc[:0]))
