@@ -16,12 +16,14 @@ and says where the two sides' sparsity differs by more than `SPARSITY_TOLERANCE`
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from scipy.stats import t as student_t
 
-from bae_core.aggregate import BOOTSTRAP_SAMPLES, bootstrap_replicates, interval
+from bae_core.aggregate import BOOTSTRAP_SAMPLES, CONFIDENCE, bootstrap_replicates, interval
 from bae_core.config import BINARY_ACTIVATIONS
 
 MATCH = ("hookpoint", "kind", "k", "num_latents", "seed")
@@ -31,6 +33,8 @@ TC_MATCH = ("hookpoint", "activation", "k", "num_latents", "seed")
 AGREES, DISAGREES, INCONCLUSIVE, NOT_MEASURED = "agrees", "disagrees", "inconclusive", "not measured"
 SPARSITY_TOLERANCE = 0.10
 """Held-out L0 of two compared coders differing by more than this fraction is reported as a sparsity difference."""
+MIN_FIRING_SHARE = 0.5
+"""A frequency-weighted comparison needs the eligible latents to hold at least this share of each coder's firing."""
 SIMILAR_FVU = 1.1
 """Claim 5's "similar reconstruction": the transcoder's FVU at most this multiple of the SAE's."""
 LATENT_STATISTICS = {
@@ -65,8 +69,10 @@ class Difference:
     def text(self, unit: str = "") -> str:
         if self.pairs == 0 or not math.isfinite(self.estimate):
             return "not measured"
-        if math.isfinite(self.low):
-            ci = f"95% CI [{self.low:+.3f}, {self.high:+.3f}]"
+        if math.isfinite(self.low) and self.max_seeds > 1:
+            ci = f"95% CI [{self.low:+.3f}, {self.high:+.3f}] across seeds"
+        elif math.isfinite(self.low):
+            ci = f"95% CI [{self.low:+.3f}, {self.high:+.3f}] over latents; one seed: about these coders only"
         else:
             ci = "no interval: one seed per setting and no latents to resample"
         return f"{self.estimate:+.3f}{unit} ({ci}; {self.pairs} pair{'s' if self.pairs != 1 else ''})"
@@ -98,7 +104,9 @@ class _Replicates:
             statistic = LATENT_STATISTICS.get(column) if column != "frequent_gap" else "frequent_gap"
             rows = self.groups.get(coder["coder_id"])
             if statistic is not None and rows is not None and "token_auroc" in rows:
-                reps = bootstrap_replicates(rows, statistic, samples=self.samples, seed=self.seed)
+                # Each coder its own draws: a shared seed would pair two coders' latents by index.
+                seed = [self.seed, zlib.crc32(str(coder["coder_id"]).encode())]
+                reps = bootstrap_replicates(rows, statistic, samples=self.samples, seed=seed)
                 if column == "frequent_gap":
                     value = _frequent_gap(rows)
             elif column == "frequent_gap" or value is None or not math.isfinite(float(value)):
@@ -131,8 +139,12 @@ def _pairs(coders: pd.DataFrame, split: str, match: tuple[str, ...]) -> pd.DataF
     a = trained[trained["_side"] == "a"].drop(columns="_side")
     b = trained[trained["_side"] == "b"].drop(columns="_side")
     pairs = a.merge(b, on=keys, suffixes=("_a", "_b"))
-    setting = [k for k in keys if k != "seed"]
-    pairs["_setting"] = pairs[setting].astype(str).agg("/".join, axis=1) if setting and len(pairs) else ""
+    # A setting is everything but the seed, the two sides' own activation and kind included: two continuous
+    # activations compared with one binary one are two settings, not replicates of one.
+    setting = [k for k in keys if k != "seed"] + [
+        f"{c}_{s}" for c in ("activation", "kind") if c not in keys for s in "ab"
+    ]
+    pairs["_setting"] = pairs[setting].astype(str).agg("/".join, axis=1) if len(pairs) else ""
     return pairs
 
 
@@ -142,12 +154,11 @@ def difference(
     replicates: _Replicates,
     *,
     sides: str = "ab",
-    seed: int = 0,
 ) -> Difference:
     """The mean over settings of `column`'s paired difference a - b (or, `sides` "a", of side a's own value),
-    each setting's value the mean over its seeds, with the bootstrap interval (latents resampled per coder,
-    seeds resampled per setting)."""
-    samples = replicates.samples
+    each setting's value the mean over its seeds, with its 95% interval: with several seeds a t-interval from the
+    between-seed variance pooled over settings; with one seed per setting the bootstrap over each coder's
+    latents (about these coders only), or none for a per-coder number."""
     per_setting: dict[str, list[tuple[np.ndarray, float]]] = {}
     for _, row in pairs.iterrows():
         values = []
@@ -163,22 +174,27 @@ def difference(
             per_setting.setdefault(row["_setting"], []).append((reps, point))
     if not per_setting:
         return Difference(math.nan, math.nan, math.nan, 0, 0)
-    rng = np.random.default_rng(seed)
-    estimates, combined = [], []
-    for rows in per_setting.values():
-        reps = np.stack([r for r, _ in rows])  # (seeds, samples)
-        estimates.append(float(np.mean([p for _, p in rows])))
-        if len(rows) > 1:
-            drawn = rng.integers(0, len(rows), size=(samples, len(rows)))
-            combined.append(reps[drawn, np.arange(samples)[:, None]].mean(axis=1))
-        else:
-            combined.append(reps[0])
-    combined = np.mean(combined, axis=0)
-    low, high = interval(combined)
-    if np.allclose(combined, combined[0], rtol=0, atol=1e-12):  # nothing was resampled: no interval
-        low = high = math.nan
+    estimates = [float(np.mean([p for _, p in rows])) for rows in per_setting.values()]
+    estimate = float(np.mean(estimates))
     n_pairs = sum(len(r) for r in per_setting.values())
-    return Difference(float(np.mean(estimates)), low, high, n_pairs, max(len(r) for r in per_setting.values()))
+    most_seeds = max(len(r) for r in per_setting.values())
+    if most_seeds > 1:
+        # Seeds are the replicates: a t-interval with the between-seed variance pooled over settings (each seed's
+        # difference already carries its latent-sampling noise). A percentile bootstrap over 3 seeds would be
+        # about their [min, max], far too narrow.
+        residuals = [p - m for rows, m in zip(per_setting.values(), estimates, strict=True) for _, p in rows]
+        dof = n_pairs - len(per_setting)
+        pooled = float(np.sum(np.square(residuals)) / dof)
+        se = math.sqrt(pooled * sum(1 / len(r) for r in per_setting.values())) / len(per_setting)
+        half = float(student_t.ppf(0.5 + CONFIDENCE / 2, dof)) * se
+        return Difference(estimate, estimate - half, estimate + half, n_pairs, most_seeds)
+    # One seed per setting: only the latents can be resampled; the interval is about these coders, not about
+    # the architectures (training-seed variance is unknown). A per-coder number (FVU, CE) has none.
+    combined = np.mean([rows[0][0] for rows in per_setting.values()], axis=0)
+    low, high = interval(combined)
+    if np.allclose(combined, combined[0], rtol=0, atol=1e-12):
+        low = high = math.nan
+    return Difference(estimate, low, high, n_pairs, most_seeds)
 
 
 def _l0_note(pairs: pd.DataFrame, names: tuple[str, str]) -> str:
@@ -213,15 +229,42 @@ def claims_table(
     binary = _pairs(coders, "binary", MATCH)
     l0_binary = _l0_note(binary, ("binary", "continuous"))
 
-    def add(claim: str, paper: str, parts: list[tuple[str, Difference, int]], sparsity: str, extra: str = ""):
+    def add(
+        claim: str,
+        paper: str,
+        parts: list[tuple[str, Difference, int]],
+        sparsity: str,
+        extra: str = "",
+        scored: pd.DataFrame | None = None,
+        weighted: bool = False,
+    ):
         verdicts = [d.verdict(direction) for _, d, direction in parts]
         main = parts[0][1]
         measured = "; ".join(f"{name} {d.text()}" for name, d, _ in parts) + extra
+        # Scores rest on their test windows and their eligible latents: a claim on underpowered coders, or a
+        # weighted score that misses most of the firing mass, is inconclusive whatever its interval says.
+        doubts = []
+        if scored is not None and len(scored):
+            flags = [scored[f"underpowered_{s}"] for s in "ab" if f"underpowered_{s}" in scored]
+            if flags and pd.concat(flags).fillna(False).astype(bool).any():
+                n = int(pd.concat(flags).fillna(False).astype(bool).sum())
+                doubts.append(f"{n} of {2 * len(scored)} compared coders are underpowered")
+            shares = [scored[f"eligible_firing_share_{s}"] for s in "ab" if f"eligible_firing_share_{s}" in scored]
+            if weighted and shares and pd.concat(shares).min() < MIN_FIRING_SHARE:
+                doubts.append(
+                    f"eligible latents hold as little as {pd.concat(shares).min():.0%} of a coder's firing "
+                    f"(the rest fire in too many windows to be tested)"
+                )
+        verdict = combine(verdicts)
+        if doubts and verdict in (AGREES, DISAGREES):
+            verdict = INCONCLUSIVE
+        if doubts:
+            measured += "; " + "; ".join(doubts)
         rows.append(
             {
                 "claim": claim,
                 "paper": paper,
-                "verdict": combine(verdicts),
+                "verdict": verdict,
                 "estimate": main.estimate,
                 "ci_low": main.low,
                 "ci_high": main.high,
@@ -235,17 +278,18 @@ def claims_table(
     add(
         "1. binary coders are more interpretable, unweighted",
         "binary > continuous, mean score over latents",
-        [("mean token AUROC, binary - continuous:", difference(binary, "token_auroc", reps, seed=seed), +1)],
+        [("mean token AUROC, binary - continuous:", difference(binary, "token_auroc", reps), +1)],
         l0_binary,
+        scored=binary,
     )
     add(
         "2. binary coders reconstruct worse",
         "binary has higher FVU and larger spliced CE increase",
         [
-            ("FVU, binary - continuous:", difference(binary, "fvu", reps, seed=seed), +1),
+            ("FVU, binary - continuous:", difference(binary, "fvu", reps), +1),
             (
                 "spliced CE increase (nats), binary - continuous:",
-                difference(binary, "ce_increase", reps, seed=seed),
+                difference(binary, "ce_increase", reps),
                 +1,
             ),
         ],
@@ -258,16 +302,18 @@ def claims_table(
         [
             (
                 "share of latents > 1%, binary - continuous:",
-                difference(binary, "frequent_fraction", reps, seed=seed),
+                difference(binary, "frequent_fraction", reps),
                 +1,
             ),
             (
                 "binary coders' > 1% latents minus their other latents, mean token AUROC:",
-                difference(binary_coders, "frequent_gap", reps, sides="a", seed=seed),
+                difference(binary_coders, "frequent_gap", reps, sides="a"),
                 -1,
             ),
         ],
         l0_binary,
+        scored=binary,
+        weighted=True,
     )
     add(
         "4. frequency-weighted, continuous coders score higher (the ranking flips)",
@@ -275,11 +321,13 @@ def claims_table(
         [
             (
                 "frequency-weighted mean token AUROC, binary - continuous:",
-                difference(binary, "token_auroc_weighted", reps, seed=seed),
+                difference(binary, "token_auroc_weighted", reps),
                 -1,
             )
         ],
         l0_binary,
+        scored=binary,
+        weighted=True,
     )
     tc = _pairs(coders, "kind", TC_MATCH)
     similar = ""
@@ -290,7 +338,7 @@ def claims_table(
             f"; FVU transcoder vs SAE {fvus}"
             f" ({int(ok.sum())} of {len(tc)} pairs at similar or better reconstruction, within {SIMILAR_FVU - 1:.0%})"
         )
-    score = difference(tc, "token_auroc", reps, seed=seed)
+    score = difference(tc, "token_auroc", reps)
     parts = [("mean token AUROC, transcoder - SAE:", score, +1)]
     add(
         "5. transcoders are more interpretable than SAEs at similar reconstruction",
@@ -298,8 +346,10 @@ def claims_table(
         parts,
         _l0_note(tc, ("transcoder", "SAE")),
         similar,
+        scored=tc,
     )
     dissimilar = not tc.empty and {"fvu_a", "fvu_b"} <= set(tc.columns) and not ok.all()
     if dissimilar and rows[-1]["verdict"] == AGREES:
         rows[-1]["verdict"] = INCONCLUSIVE  # more interpretable, but not at similar reconstruction
+        rows[-1]["measured"] += "; reconstruction not similar in every pair: inconclusive"
     return pd.DataFrame(rows)

@@ -208,7 +208,7 @@ def bootstrap_replicates(
     score: str = "token_auroc",
     *,
     samples: int = BOOTSTRAP_SAMPLES,
-    seed: int = 0,
+    seed: int | list[int] = 0,
 ) -> np.ndarray:
     """`samples` bootstrap replicates of one dictionary's `statistic`, resampling its latents with replacement
     within each hookpoint (stratified, so every replicate keeps the dictionary's hookpoints):
@@ -225,7 +225,10 @@ def bootstrap_replicates(
     groups = [g for _, g in latents.groupby("hookpoint", sort=True)]
     if statistic == "weighted":
         per_hook = [_replicates(g[g["eligible"].astype(bool)], "weighted", score, samples, rng) for g in groups]
-        return np.mean(per_hook, axis=0) if per_hook else np.full(samples, math.nan)
+        if not per_hook:
+            return np.full(samples, math.nan)
+        with np.errstate(all="ignore"):  # a hookpoint without eligible latents drops out, as in score_summary
+            return np.nanmean(per_hook, axis=0) if np.isfinite(per_hook).any() else np.full(samples, math.nan)
     if statistic == "frequent_fraction":
         sums = [_replicates(g, "frequent_count", score, samples, rng) for g in groups]
         return np.sum(sums, axis=0) / len(latents)
@@ -282,7 +285,9 @@ def interval(replicates: np.ndarray, level: float = CONFIDENCE) -> tuple[float, 
 def score_basis(
     latents: pd.DataFrame, score: str = "token_auroc", *, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0
 ) -> dict[str, float | int | bool]:
-    """What one dictionary's aggregate scores rest on: eligible latents, the median activating and
+    """What one dictionary's aggregate scores rest on: eligible latents and their share of the firing (the
+    frequency-weighted score covers only that share: latents firing in nearly every window have no
+    non-activating test windows and are not eligible), the median activating and
     non-activating test windows per eligible latent, 95% bootstrap intervals of the unweighted and
     frequency-weighted means (resampling latents), and `underpowered` (median activating test windows below
     `MIN_TEST_WINDOWS`)."""
@@ -295,8 +300,10 @@ def score_basis(
     )
     low, high = interval(bootstrap_replicates(latents, "mean", score, samples=samples, seed=seed))
     w_low, w_high = interval(bootstrap_replicates(latents, "weighted", score, samples=samples, seed=seed))
+    fired = float(latents["firing_count"].sum())
     return {
         "eligible": len(scored),
+        "eligible_firing_share": float(scored["firing_count"].sum()) / fired if fired else math.nan,
         "test_windows_median": median_on,
         "test_nonactivating_windows_median": median_off,
         f"{score}_ci_low": low,

@@ -174,3 +174,36 @@ def test_controls_that_miss_their_known_answers_are_named():
     assert "token control of token-control-h: 0.800, expected >= 0.95" in warning
     assert "shuffled control of trial-a: 0.580" in warning
     assert "No control was scored" in missed_controls(control_checks(coders.iloc[:0]))
+
+
+def test_across_seeds_the_interval_is_a_t_interval_not_the_range_of_three_seeds():
+    coders, latents = make_run(PAPER, seeds=(0, 1, 2))
+    binary = coders["activation"] == "binary_topk"
+    # FVU differences that share a sign on all three seeds but scatter widely: a percentile bootstrap over 3
+    # seeds would span only their range; the t-interval (pooled over the 2 settings, 4 degrees of freedom) does
+    # not exclude zero.
+    noise = np.tile([0.0, -0.19, 0.30], 4)
+    fvu = coders["fvu"].to_numpy() + np.where(binary, noise, 0)
+    coders = coders.assign(fvu=fvu)
+    table = claims_table(coders, latents)
+    row = table.iloc[1]
+    assert row["verdict"] == INCONCLUSIVE and row["ci_low"] < 0 < row["ci_high"] and row["seeds"] == 3
+    assert "across seeds" in row["measured"]
+
+
+def test_underpowered_coders_and_untested_firing_make_a_claim_inconclusive():
+    coders, latents = make_run(PAPER, seeds=(0, 1, 2))
+    assert verdicts(claims_table(coders, latents))[1] == AGREES
+    weak = coders.assign(underpowered=coders["activation"] == "binary_topk")
+    table = claims_table(weak, latents)
+    assert (
+        table.loc[0, "verdict"] == INCONCLUSIVE
+        and "6 of 12 compared coders are underpowered" in table.loc[0, "measured"]
+    )
+    assert table.loc[1, "verdict"] == AGREES  # FVU and CE do not rest on test windows
+    thin = coders.assign(eligible_firing_share=0.3)
+    table = claims_table(thin, latents)
+    assert (
+        table.loc[3, "verdict"] == INCONCLUSIVE and "as little as 30% of a coder's firing" in table.loc[3, "measured"]
+    )
+    assert table.loc[0, "verdict"] == AGREES  # the unweighted mean does not claim to cover the firing
