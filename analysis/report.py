@@ -77,6 +77,7 @@ def _coders_summary(coders: pd.DataFrame) -> pd.DataFrame:
                 "> 1%": r["frequent_fraction"],
                 "> 10%": r["dense_fraction"],
                 "eligible": r.get("eligible"),
+                "firing share": r.get("eligible_firing_share", math.nan),
                 "test windows (median)": r.get("test_windows_median", math.nan),
                 "AUROC [95% CI]": _with_interval(
                     r["token_auroc"], r.get("token_auroc_ci_low"), r.get("token_auroc_ci_high")
@@ -237,11 +238,13 @@ def _render(run_dir, tables, frontier, claims, figures, convergence) -> str:
         "## The paper's claims, on this run's numbers",
         "",
         "Comparisons are between coders that differ only in the compared property (same hookpoint, kind, k, "
-        "dictionary size and seed). Each claim's number is the mean paired difference over the run's settings, "
-        "with a 95% bootstrap interval that resamples each coder's latents and, where a setting has several seeds, "
-        "its seeds. A claim agrees or disagrees only when that interval excludes zero; otherwise it is "
-        "inconclusive at this run's size. FVU and spliced CE rest on one coder per seed: with one seed per setting "
-        f"they have no interval. This run: {_scale(trials)}.",
+        "dictionary size and seed). Each claim's number is the mean paired difference over the run's settings. "
+        "With several seeds its 95% interval is a t-interval from the between-seed variance (pooled over "
+        "settings); with one seed per setting it comes from resampling each coder's latents and speaks only for "
+        "these coders, not for the architectures, and FVU and spliced CE, one number per coder, have none. A "
+        "claim agrees or disagrees only when the interval excludes zero, and never on underpowered coders or, for "
+        "frequency-weighted scores, when the eligible latents hold less than half of a coder's firing; otherwise it "
+        f"is inconclusive at this run's size. This run: {_scale(trials)}.",
         "",
         _markdown(claims[["claim", "verdict", "measured", "paper"]]),
         "",
@@ -262,8 +265,11 @@ def _render(run_dir, tables, frontier, claims, figures, convergence) -> str:
         "",
         "Density and scores on held-out tokens; CE increase and loss recovered with the coder spliced into the model. "
         "Each score is the mean over the dictionary's eligible latents, with a 95% bootstrap interval (latents "
-        "resampled); `eligible` is how many latents it rests on and `test windows (median)` the median number of "
-        "activating test windows behind each latent's score (as many non-activating ones are drawn). A dictionary "
+        "resampled, given this run's test text); `eligible` is how many latents it rests on, `firing share` the "
+        "share of the dictionary's firing they hold (the frequency-weighted score covers only that share: latents "
+        "that fire in nearly every window have no non-activating test window), and `test windows (median)` the "
+        "median number of activating test windows behind each latent's score (as many non-activating ones are "
+        "drawn). A dictionary "
         f"whose median is below {MIN_TEST_WINDOWS} is marked underpowered.",
         "",
         _markdown(_coders_summary(coders)),
