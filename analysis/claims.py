@@ -248,7 +248,7 @@ def claims_table(
             flags = [scored[f"underpowered_{s}"] for s in "ab" if f"underpowered_{s}" in scored]
             if flags and pd.concat(flags).fillna(False).astype(bool).any():
                 n = int(pd.concat(flags).fillna(False).astype(bool).sum())
-                doubts.append(f"{n} of {2 * len(scored)} compared coders are underpowered")
+                doubts.append(f"{n} of {2 * len(scored)} compared coders {'is' if n == 1 else 'are'} underpowered")
             shares = [scored[f"eligible_firing_share_{s}"] for s in "ab" if f"eligible_firing_share_{s}" in scored]
             if weighted and shares and pd.concat(shares).min() < MIN_FIRING_SHARE:
                 doubts.append(
