@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -93,6 +94,7 @@ def key_numbers(tables) -> dict:
         out["controls"][r.coder_id] = float(r.token_auroc)
     claims = claims_table(coders, tables.latents)
     out["claims"] = dict(zip(claims["claim"].str.split(".").str[0], claims["verdict"], strict=True))
+    out["claim_estimates"] = dict(zip(claims["claim"].str.split(".").str[0], claims["estimate"], strict=True))
     return out
 
 
@@ -111,6 +113,12 @@ def compare_key_numbers(numbers: dict, expected: dict) -> None:
             assert abs(value - 0.5) < 0.06, f"{coder_id}: {value:.3f}"
         else:
             assert abs(value - expected["controls"][coder_id]) <= TOLERANCE["token_auroc"], coder_id
+    # A clear difference (binary - continuous, transcoder - SAE) keeps its sign, even where this reduced run is
+    # too small for a verdict.
+    for claim, value in expected["claim_estimates"].items():
+        if abs(value) > 0.02:
+            got = numbers["claim_estimates"][claim]
+            assert np.sign(got) == np.sign(value), f"claim {claim}: estimate {got:+.3f}, stored {value:+.3f}"
     # A significant difference never turns into its opposite.
     opposite = {"agrees": "disagrees", "disagrees": "agrees"}
     for claim, verdict in expected["claims"].items():
