@@ -237,6 +237,7 @@ def claims_table(
         extra: str = "",
         scored: pd.DataFrame | None = None,
         weighted: bool = False,
+        score_parts: list[bool] | None = None,
     ):
         verdicts = [d.verdict(direction) for _, d, direction in parts]
         main = parts[0][1]
@@ -255,9 +256,12 @@ def claims_table(
                     f"eligible latents hold as little as {pd.concat(shares).min():.0%} of a coder's firing "
                     f"(the rest fire in too many windows to be tested)"
                 )
+        if doubts:  # the score-based parts only: a density or reconstruction number does not rest on test windows
+            verdicts = [
+                INCONCLUSIVE if scores and v in (AGREES, DISAGREES) else v
+                for v, scores in zip(verdicts, score_parts or [True] * len(parts), strict=True)
+            ]
         verdict = combine(verdicts)
-        if doubts and verdict in (AGREES, DISAGREES):
-            verdict = INCONCLUSIVE
         if doubts:
             measured += "; " + "; ".join(doubts)
         rows.append(
@@ -314,6 +318,7 @@ def claims_table(
         l0_binary,
         scored=binary,
         weighted=True,
+        score_parts=[False, True],
     )
     add(
         "4. frequency-weighted, continuous coders score higher (the ranking flips)",
