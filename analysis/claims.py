@@ -41,6 +41,7 @@ LATENT_STATISTICS = {
     "token_auroc": "mean",
     "token_auroc_weighted": "weighted",
     "frequent_fraction": "frequent_fraction",
+    "frequent_gap": "frequent_gap",
 }
 """Coder columns whose replicates resample the coder's latents (`bae_core.aggregate.bootstrap_replicates`)."""
 
@@ -95,13 +96,14 @@ class _Replicates:
         self.groups = dict(tuple(latents.groupby("coder_id", sort=False))) if latents is not None else {}
         self.samples, self.seed, self.done = samples, seed, {}
 
-    def __call__(self, coder: pd.Series, column: str) -> np.ndarray | None:
-        """Replicates of `column` for a coder: resampled latents where the column is a latent statistic and the
-        coder's latents are known, else its one value repeated (no within-coder interval); None when missing."""
+    def __call__(self, coder: pd.Series, column: str) -> tuple[np.ndarray | None, float]:
+        """(replicates, point value) of `column` for a coder: resampled latents where the column is a latent
+        statistic and the coder's latents are known, else its one value repeated (no within-coder interval);
+        replicates None when the number is missing."""
         key = (coder["coder_id"], column)
         if key not in self.done:
             value = coder.get(column, math.nan)
-            statistic = LATENT_STATISTICS.get(column) if column != "frequent_gap" else "frequent_gap"
+            statistic = LATENT_STATISTICS.get(column)
             rows = self.groups.get(coder["coder_id"])
             if statistic is not None and rows is not None and "token_auroc" in rows:
                 # Each coder its own draws: a shared seed would pair two coders' latents by index.
