@@ -209,15 +209,60 @@ def ablation_by_score(
     """One row per bin of `equal_mass_bins`: its latents, firing count, mean score and the CE of the spliced
     model with the bin's latents zero-ablated inside the coder, against the spliced model with all latents
     (relative loss increase = (CE_ablated - CE_spliced) / CE_spliced)."""
-    if len(scores) != coder.num_latents:
-        raise ValueError(f"scores: need one score per latent ({coder.num_latents}), got {len(scores)}")
-    assignment = equal_mass_bins(scores, firing_counts, bins)
-    present = [b for b in range(bins) if (assignment == b).any()]
-    variants = {"spliced": lambda: splice(loaded, hookpoint, coder)}
+    if bins < 1:
+        raise ValueError(f"bins: must be >= 1, got {bins}")
+    _, rows = fidelity_and_ablation(
+        loaded, hookpoint, coder, token_ids, scores, firing_counts, bins=bins, batch_size=batch_size, zero=False
+    )
+    return rows
+
+
+def fidelity_and_ablation(
+    loaded: LoadedModel,
+    hookpoint: Hookpoint,
+    coder: SparseCoder,
+    token_ids: Tensor | np.ndarray,
+    scores: np.ndarray | None,
+    firing_counts: np.ndarray | None,
+    *,
+    bins: int = 5,
+    batch_size: int = 8,
+    zero: bool = True,
+) -> tuple[Fidelity | None, list[dict]]:
+    """`spliced_fidelity` of one coder and its `ablation_by_score` from one pass over `token_ids`: the clean and
+    spliced forwards of each batch serve both, so the two cost 2 + bins forwards per batch (plus the
+    zero-ablated one when `zero`) instead of 5 + bins. The numbers equal those of the two functions apart.
+    Without `scores` (or with `bins` 0) there is no ablation; without `zero` no Fidelity."""
+    ablate = scores is not None and bins > 0
+    if ablate:
+        if firing_counts is None:
+            raise ValueError("firing_counts: needed with scores, one count per latent")
+        if len(scores) != coder.num_latents:
+            raise ValueError(f"scores: need one score per latent ({coder.num_latents}), got {len(scores)}")
+        assignment = equal_mass_bins(scores, firing_counts, bins)
+        present = [b for b in range(bins) if (assignment == b).any()]
+    else:
+        assignment, present = None, []
+    variants = {}
+    if zero:
+        variants[ZERO_ABLATED] = lambda: zero_ablate(loaded, hookpoint)
+    variants["spliced"] = lambda: splice(loaded, hookpoint, coder)
     for b in present:
         mask = torch.from_numpy(assignment == b)
         variants[f"bin{b}"] = lambda mask=mask: splice(loaded, hookpoint, coder, ablate=mask)
     stats = next_token_stats(loaded, token_ids, variants, batch_size=batch_size)
+    fidelity = None
+    if zero:
+        clean, spliced_stats = stats[CLEAN], stats["spliced"]
+        fidelity = Fidelity(
+            tokens=clean.tokens,
+            ce_clean=clean.ce,
+            ce_spliced=spliced_stats.ce,
+            ce_zero_ablated=stats[ZERO_ABLATED].ce,
+            top1_clean=clean.top1,
+            top1_spliced=spliced_stats.top1,
+            kl=spliced_stats.kl,
+        )
     spliced = stats["spliced"].ce
     rows = []
     for b in present:
@@ -238,4 +283,4 @@ def ablation_by_score(
                 "tokens": stats["spliced"].tokens,
             }
         )
-    return rows
+    return fidelity, rows

@@ -274,33 +274,28 @@ def evaluation_task(task: ScoreTask, run_dir: str, options: ScoreOptions) -> dic
     import torch
 
     from bae_core.coder import SparseCoder
-    from bae_core.fidelity import ablation_by_score, spliced_fidelity
+    from bae_core.fidelity import fidelity_and_ablation
     from bae_core.lm import resolve_hookpoints
 
     loaded = _load_model(task.cache, options.lm_dtype)
     (hook,) = resolve_hookpoints(loaded, [task.hookpoint])
     coder = SparseCoder.load(task.checkpoint)
     ids = torch.from_numpy(fidelity_sequences(task.cache, task.hookpoint, options.fidelity_tokens))
-    fidelity = spliced_fidelity(loaded, hook, {task.coder_id: coder}, ids, batch_size=options.lm_batch_size)
+    scores = counts = None
+    if options.ablation_bins:
+        columns = ["latent", "token_auroc", "firing_count"]
+        table = read_table(run_dir, f"{SCORES_DIR}/{task.coder_id}.parquet", columns).sort_values("latent")
+        scores, counts = table["token_auroc"].to_numpy(dtype=float), table["firing_count"].to_numpy()
+    # One pass gives both: the clean and spliced forwards of each batch serve the fidelity and the ablation.
+    fidelity, ablation = fidelity_and_ablation(
+        loaded, hook, coder, ids, scores, counts, bins=options.ablation_bins, batch_size=options.lm_batch_size
+    )
     result = {
         "coder_id": task.coder_id,
         "settings": options.evaluation_settings(),
-        "fidelity": fidelity[task.coder_id].summary(),
-        "ablation": [],
+        "fidelity": fidelity.summary(),
+        "ablation": ablation,
     }
-    if options.ablation_bins:
-        columns = ["latent", "token_auroc", "firing_count"]
-        scores = read_table(run_dir, f"{SCORES_DIR}/{task.coder_id}.parquet", columns).sort_values("latent")
-        result["ablation"] = ablation_by_score(
-            loaded,
-            hook,
-            coder,
-            ids,
-            scores["token_auroc"].to_numpy(dtype=float),
-            scores["firing_count"].to_numpy(),
-            bins=options.ablation_bins,
-            batch_size=options.lm_batch_size,
-        )
     fs, base = open_filesystem(run_dir)
     write_bytes_atomic(fs, f"{base}/{EVALUATION_DIR}/{task.coder_id}.json", json.dumps(result, indent=2).encode())
     return result

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from bae_core import CoderConfig, SparseCoder
-from bae_core.fidelity import ablation_by_score, equal_mass_bins, next_token_stats, spliced_fidelity
+from bae_core.fidelity import (
+    ablation_by_score,
+    equal_mass_bins,
+    fidelity_and_ablation,
+    next_token_stats,
+    spliced_fidelity,
+)
 from bae_core.lm import capture, load_model, resolve_hookpoints, splice
 from bae_core.metrics import evaluate_coder
 
@@ -151,3 +157,16 @@ def test_ablating_latents_inside_the_spliced_coder(loaded, token_ids):
     for r in rows:
         assert r["ce_increase"] > 0 and math.isfinite(r["relative_ce_increase"])
         assert r["relative_ce_increase"] == pytest.approx(r["ce_increase"] / r["ce_spliced"])
+
+
+def test_one_pass_gives_the_fidelity_and_the_ablation_of_the_two_functions_apart(loaded, token_ids):
+    (hook,) = resolve_hookpoints(loaded, ["layers.3.mlp"])
+    coder = identity_sae(loaded.d_model)
+    rng = np.random.default_rng(1)
+    scores = rng.uniform(size=coder.num_latents)
+    counts = rng.integers(1, 50, size=coder.num_latents)
+    fidelity, rows = fidelity_and_ablation(loaded, hook, coder, token_ids, scores, counts, bins=3)
+    assert fidelity == spliced_fidelity(loaded, hook, {"c": coder}, token_ids)["c"]
+    assert rows == ablation_by_score(loaded, hook, coder, token_ids, scores, counts, bins=3)
+    alone, none = fidelity_and_ablation(loaded, hook, coder, token_ids, None, None, bins=3)
+    assert alone == fidelity and none == []
