@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import t as student_t
 
-from bae_core.aggregate import BOOTSTRAP_SAMPLES, CONFIDENCE, bootstrap_replicates, interval
-from bae_core.config import BINARY_ACTIVATIONS
+from bae_core.coders.config import BINARY_ACTIVATIONS
+from bae_core.evaluation.aggregate import BOOTSTRAP_SAMPLES, CONFIDENCE, bootstrap_replicates, interval
 
 MATCH = ("hookpoint", "kind", "k", "num_latents", "seed")
 """What two coders must share to be compared as binary vs continuous."""
@@ -43,7 +43,8 @@ LATENT_STATISTICS = {
     "frequent_fraction": "frequent_fraction",
     "frequent_gap": "frequent_gap",
 }
-"""Coder columns whose replicates resample the coder's latents (`bae_core.aggregate.bootstrap_replicates`)."""
+"""Coder columns whose replicates resample the coder's latents
+(`bae_core.evaluation.aggregate.bootstrap_replicates`)."""
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ class _Replicates:
 
 
 def _frequent_gap(rows: pd.DataFrame) -> float:
-    from bae_core.metrics import FREQUENT_RATE
+    from bae_core.evaluation.metrics import FREQUENT_RATE
 
     scored = rows[rows["eligible"].astype(bool)]
     frequent = scored["firing_rate"] > FREQUENT_RATE

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from bae_core.config import BINARY_ACTIVATIONS
+from bae_core.coders.config import BINARY_ACTIVATIONS
 
 RECONSTRUCTION = ("fvu", "ce_increase")
 """Reconstruction error columns of `coders` (lower is better): held-out FVU and spliced CE increase (nats)."""

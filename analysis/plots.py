@@ -25,7 +25,7 @@ from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from analysis.convergence import WINDOW  # noqa: E402
 from analysis.frontier import family  # noqa: E402
-from bae_core.config import BINARY_ACTIVATIONS  # noqa: E402
+from bae_core.coders.config import BINARY_ACTIVATIONS  # noqa: E402
 
 FAMILY_COLOURS = {
     "binary SAE": "#d62728",

@@ -19,9 +19,9 @@ from analysis.controls import control_checks, missed_controls
 from analysis.convergence import FALLING, convergence_summary, convergence_table, describe_rule
 from analysis.frontier import family, frontier_table
 from analysis.run import FRONTIER_TABLE, load_run, training_curves
-from bae_core.aggregate import MIN_TEST_WINDOWS
-from bae_core.cache import open_filesystem, write_bytes_atomic
-from bae_core.lexical import LABEL
+from bae_core.data.cache import open_filesystem, write_bytes_atomic
+from bae_core.evaluation.aggregate import MIN_TEST_WINDOWS
+from bae_core.evaluation.lexical import LABEL
 
 REPORT_DIR = "report"
 FRONTIER_COLUMNS = ["reconstruction_metric", "reconstruction", "interpretability_metric", "interpretability"]
@@ -125,7 +125,7 @@ def _convergence_summary(table: pd.DataFrame) -> pd.DataFrame:
 
 def seeds_summary(coders: pd.DataFrame) -> pd.DataFrame:
     """Settings trained with several seeds: the mean and standard deviation over seeds."""
-    from bae_core.aggregate import across_seeds
+    from bae_core.evaluation.aggregate import across_seeds
 
     trained = coders[coders["trial_id"].notna()]
     if trained.empty or "seed" not in trained or trained["seed"].nunique() < 2:

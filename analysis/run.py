@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from analysis.frontier import frontier_table
-from bae_core.cache import open_filesystem
+from bae_core.data.cache import open_filesystem
 
 FRONTIER_TABLE = "frontier.parquet"
 TRAINING_LOG = "training_log.parquet"

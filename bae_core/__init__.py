@@ -5,9 +5,9 @@ The science of the project: configs, activations and their straight-through esti
 lexical and LLM interpretability scores, aggregation). Never imports Ray.
 """
 
-from .coder import Code, ForwardOutput, SparseCoder, fraction_of_variance_unexplained
-from .config import ACTIVATIONS, KINDS, SURROGATES, CoderConfig
-from .train import StepMetrics, TrainConfig, Trainer, build_coder
+from bae_core.coders.coder import Code, ForwardOutput, SparseCoder, fraction_of_variance_unexplained
+from bae_core.coders.config import ACTIVATIONS, KINDS, SURROGATES, CoderConfig
+from bae_core.training import StepMetrics, TrainConfig, Trainer, build_coder
 
 __all__ = [
     "ACTIVATIONS",

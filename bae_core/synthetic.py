@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from .coder import SparseCoder
-from .config import ACTIVATIONS, CoderConfig, check_choice, check_positive
-from .train import TrainConfig, Trainer, build_coder
+from bae_core.coders.coder import SparseCoder
+from bae_core.coders.config import ACTIVATIONS, CoderConfig, check_choice, check_positive
+from bae_core.training import TrainConfig, Trainer, build_coder
 
 Regime = Literal["binary", "continuous"]
 

@@ -9,7 +9,7 @@ per forward), against:
   embedding, the rotary tables and decoder layers 0..N (N = the deepest hooked layer), called one after another
   under torch.no_grad, in the model's dtype (float32, as the cache job loads it); no hooks, no copies, no
   output kept;
-- capture() in-process: the toolkit's `bae_core.lm.capture` (hooks, early stop, float32 copies), no Ray, no
+- capture() in-process: the toolkit's `bae_core.data.hooks.capture` (hooks, early stop, float32 copies), no Ray, no
   writing;
 - actor work in-process: the cache job's actor (`_CaptureWriter.__call__`: capture, fp16 packing, parquet,
   atomic write to a temp folder), called directly in this process, no Ray;
@@ -45,8 +45,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bae_core.cache import STORAGE_DTYPES
-from bae_core.lm import EMBEDDED_MODEL, capture, load_model, resolve_hookpoints
+from bae_core.data.cache import STORAGE_DTYPES
+from bae_core.data.hooks import capture
+from bae_core.data.lm import EMBEDDED_MODEL, load_model, resolve_hookpoints
 from ray_jobs.cache_job import CacheRequest, _CaptureWriter, plan_sequences, run_cache
 from ray_jobs.runtime import connect
 

@@ -4,10 +4,10 @@ One TopK SAE is trained briefly on a middle MLP layer of the embedded model's ca
 timing); then its latents are scored for lexical explainability (token/bigram rules) on the cache's held-out
 split, in these rows:
 
-- reference: the coder's codes for every held-out token (`bae_core.interp.coder_activations`), the pass every
+- reference: the coder's codes for every held-out token (`bae_core.evaluation.interp.coder_activations`), the pass every
   scorer makes before it can look at a latent;
 - in-process, 1 thread: `coder_latent_scores` on all latents;
-- Ray, W workers: `bae score`'s lexical tasks (`ray_jobs.score_job.lexical_task`) on W slices of the latents,
+- Ray, W workers: `bae score`'s lexical tasks (`ray_jobs.score_tasks.lexical_task`) on W slices of the latents,
   W at a time, each task loading the model's tokenizer, the coder and the codes itself (as in a real run).
 
 Rows are latents/s; the scaling is W workers against 1 worker. Nothing is asserted; the figures are printed and
@@ -29,13 +29,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bae_core.cache import iter_activation_batches, open_cache
-from bae_core.config import CoderConfig
-from bae_core.interp import ExampleOptions, coder_activations, coder_latent_scores
-from bae_core.train import TrainConfig, Trainer, build_coder
+from bae_core.coders.config import CoderConfig
+from bae_core.data.cache import open_cache
+from bae_core.data.reader import iter_activation_batches
+from bae_core.evaluation.interp import ExampleOptions, coder_activations, coder_latent_scores
+from bae_core.training import TrainConfig, Trainer, build_coder
 from ray_jobs.cache_job import run_cache
 from ray_jobs.runtime import connect
-from ray_jobs.score_job import ScoreOptions, ScoreTask, _slices, lexical_task
+from ray_jobs.score_plan import ScoreOptions, ScoreTask
+from ray_jobs.score_tasks import _slices, lexical_task
 from ray_jobs.spec import parse_spec
 
 RESULTS = Path(__file__).resolve().parent / "results"

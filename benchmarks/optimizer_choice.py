@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 from bae_core import CoderConfig, TrainConfig, Trainer, build_coder
-from bae_core.metrics import evaluate_coder
+from bae_core.evaluation.metrics import evaluate_coder
 from bae_core.synthetic import SyntheticConfig, SyntheticData
-from bae_core.train import default_lr
+from bae_core.training import default_lr
 
 RESULTS = Path(__file__).parent / "results" / "optimizer_choice.json"
 
@@ -53,7 +53,8 @@ def synthetic_source(args):
 
 def cache_source(args):
     """The same for a hookpoint of an activation cache written by `bae cache` (SAE on its input column)."""
-    from bae_core.cache import coder_columns, iter_activation_batches, open_cache
+    from bae_core.data.cache import open_cache
+    from bae_core.data.reader import coder_columns, iter_activation_batches
 
     manifest = open_cache(args.cache)
     x_col, _ = coder_columns(manifest, args.hookpoint, False)

@@ -34,10 +34,11 @@ from pathlib import Path
 
 import torch
 
-from bae_core.cache import coder_columns, iter_activation_batches, open_cache
-from bae_core.config import CoderConfig
-from bae_core.metrics import evaluate_coder
-from bae_core.train import TrainConfig, Trainer, build_coder
+from bae_core.coders.config import CoderConfig
+from bae_core.data.cache import open_cache
+from bae_core.data.reader import coder_columns, iter_activation_batches
+from bae_core.evaluation.metrics import evaluate_coder
+from bae_core.training import TrainConfig, Trainer, build_coder
 from ray_jobs.cache_job import run_cache
 from ray_jobs.runtime import connect
 from ray_jobs.spec import SweepSpec, parse_spec

@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from bae_core.cache import (
+from bae_core.coders.config import check_choice, check_positive
+from bae_core.data.cache import (
     SPLITS,
     STORAGE_DTYPES,
     CacheError,
@@ -32,7 +33,6 @@ from bae_core.cache import (
     units_for,
     write_shard,
 )
-from bae_core.config import check_choice, check_positive
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class _CaptureWriter:
         import ray
         import torch
 
-        from bae_core.lm import load_model, resolve_hookpoints
+        from bae_core.data.lm import load_model, resolve_hookpoints
 
         self.req = req
         device = req.device or ("cuda" if req.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu")
@@ -101,7 +101,7 @@ class _CaptureWriter:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from bae_core.lm import capture
+        from bae_core.data.hooks import capture
 
         records: list[dict] = []
         for i in range(len(batch["unit"])):
@@ -125,7 +125,7 @@ class _CaptureWriter:
 
 def plan_sequences(req: CacheRequest, tokenizer) -> dict[str, dict[str, np.ndarray]]:
     """Tokenise the split documents into fixed-length sequences (columns per split)."""
-    from bae_core.text import load_documents, sequences_to_columns, split_documents, tokenize_documents
+    from bae_core.data.text import load_documents, sequences_to_columns, split_documents, tokenize_documents
 
     docs = load_documents(req.dataset, text_column=req.text_column)
     train_docs, heldout_docs = split_documents(docs, heldout_fraction=req.heldout_fraction, seed=req.seed)
@@ -147,7 +147,7 @@ def plan_sequences(req: CacheRequest, tokenizer) -> dict[str, dict[str, np.ndarr
 
 def run_cache(req: CacheRequest, *, progress=None) -> CacheManifest:
     """Create or resume the cache described by `req`; returns the finished manifest."""
-    from bae_core.lm import load_model, resolve_hookpoints
+    from bae_core.data.lm import load_model, resolve_hookpoints
 
     fs, base = open_filesystem(req.root)
     loaded = load_model(req.model, revision=req.revision)

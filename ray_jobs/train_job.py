@@ -23,9 +23,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from bae_core.cache import ShardRecord, coder_columns, open_cache, read_shard, unpack_activations
-from bae_core.config import CoderConfig, check_positive
-from bae_core.train import StepMetrics, TrainConfig, Trainer
+from bae_core.coders.config import CoderConfig, check_positive
+from bae_core.data.cache import ShardRecord, open_cache, read_shard, unpack_activations
+from bae_core.data.reader import coder_columns
+from bae_core.training import StepMetrics, TrainConfig, Trainer
 from ray_jobs.runtime import storage_path
 
 log = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
 
-    from bae_core.train import build_coder
+    from bae_core.training import build_coder
 
     job = TrainJob(**config["job"])
     manifest = open_cache(job.cache)

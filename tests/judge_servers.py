@@ -21,7 +21,7 @@ from typing import Any
 
 import requests
 
-from bae_core.judge import DETECTION_SYSTEM, EXPLAINER_SYSTEM, FUZZING_SYSTEM
+from bae_core.evaluation.judge import DETECTION_SYSTEM, EXPLAINER_SYSTEM, FUZZING_SYSTEM
 
 MARKER = "cat"
 """The word the fake latents fire on; the perfect judge explains and scores by it."""

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bae_core.aggregate import decile_scores, density, frequency_buckets, log_rate_histogram, score_summary
+from bae_core.evaluation.aggregate import decile_scores, density, frequency_buckets, log_rate_histogram, score_summary
 
 
 def table():

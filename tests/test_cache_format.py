@@ -7,15 +7,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import bae_core.cache as cache_module
-from bae_core.cache import (
+import bae_core.data.reader as reader_module
+from bae_core.data.cache import (
     CacheError,
     CacheManifest,
     HookpointInfo,
     build_table,
-    coder_columns,
     describe_existing_shard,
-    iter_activation_batches,
     load_manifest,
     open_cache,
     open_filesystem,
@@ -25,6 +23,7 @@ from bae_core.cache import (
     verify_cache,
     write_shard,
 )
+from bae_core.data.reader import coder_columns, iter_activation_batches
 
 
 def manifest(**overrides) -> CacheManifest:
@@ -215,7 +214,7 @@ def test_a_training_batch_draws_rows_from_several_shards(tmp_path, monkeypatch):
     # A window of two shards: memory holds two shards (the first batch comes after two reads), and each batch
     # comes from the two shards of its window. The last batch of an epoch takes what is left over.
     reads = []
-    monkeypatch.setattr(cache_module, "read_shard", lambda *a, **k: reads.append(a[1].unit) or read_shard(*a, **k))
+    monkeypatch.setattr(reader_module, "read_shard", lambda *a, **k: reads.append(a[1].unit) or read_shard(*a, **k))
     windowed = iter_activation_batches(root, "layers.9.mlp", batch_size=12, shuffle_shards=2, epochs=1)
     first = next(windowed)
     assert len(reads) == 2 and {s for s, _ in row_ids(first)} <= set(reads)

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from analysis.claims import AGREES, DISAGREES, INCONCLUSIVE, NOT_MEASURED, claims_table
-from bae_core.aggregate import MIN_TEST_WINDOWS, across_seeds, bootstrap_replicates, interval, score_basis
+from bae_core.evaluation.aggregate import MIN_TEST_WINDOWS, across_seeds, bootstrap_replicates, interval, score_basis
 
 COLUMNS = ["coder_id", "trial_id", "activation", "kind", "hookpoint", "k", "num_latents", "seed"]
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from bae_core.examples import (
+from bae_core.data.text import hash_split
+from bae_core.evaluation.examples import (
     EXPLAIN_TEST_SALT,
     cut_windows,
     default_min_examples,
@@ -14,8 +15,7 @@ from bae_core.examples import (
     score_latents,
     window_rows,
 )
-from bae_core.lexical import LABEL
-from bae_core.text import hash_split
+from bae_core.evaluation.lexical import LABEL
 
 
 def packed_sequences(seed=0, sequences=120, seq_len=128, docs=40):

@@ -7,15 +7,16 @@ import pytest
 import torch
 
 from bae_core import CoderConfig, SparseCoder
-from bae_core.fidelity import (
+from bae_core.data.hooks import capture, splice
+from bae_core.data.lm import load_model, resolve_hookpoints
+from bae_core.evaluation.fidelity import (
     ablation_by_score,
     equal_mass_bins,
     fidelity_and_ablation,
     next_token_stats,
     spliced_fidelity,
 )
-from bae_core.lm import capture, load_model, resolve_hookpoints, splice
-from bae_core.metrics import evaluate_coder
+from bae_core.evaluation.metrics import evaluate_coder
 
 TEXT = (
     "In the beginning God created the heaven and the earth. And the earth was without form, and void; and "

@@ -18,13 +18,20 @@ import torch
 import torch.nn.functional as F
 
 from bae_core import CoderConfig
-from bae_core.aggregate import score_summary
-from bae_core.cache import read_shard, unpack_activations
-from bae_core.examples import WINDOW, cut_windows, per_token_topk, window_rows
-from bae_core.fidelity import ablation_by_score
-from bae_core.interp import ExampleOptions, coder_activations, coder_latent_scores, neuron_activations, split_tokens
-from bae_core.lm import capture, load_model, mlp_neurons, resolve_hookpoints, splice
-from bae_core.train import build_coder
+from bae_core.data.cache import read_shard, unpack_activations
+from bae_core.data.hooks import capture, mlp_neurons, splice
+from bae_core.data.lm import load_model, resolve_hookpoints
+from bae_core.evaluation.aggregate import score_summary
+from bae_core.evaluation.examples import WINDOW, cut_windows, per_token_topk, window_rows
+from bae_core.evaluation.fidelity import ablation_by_score
+from bae_core.evaluation.interp import (
+    ExampleOptions,
+    coder_activations,
+    coder_latent_scores,
+    neuron_activations,
+    split_tokens,
+)
+from bae_core.training import build_coder
 from ray_jobs.cache_job import CacheRequest, run_cache
 
 MLP, RESIDUAL = "layers.3.mlp", "layers.5"

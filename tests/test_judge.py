@@ -1,4 +1,4 @@
-"""The LLM judge (bae_core/judge.py): config validation, prompt rendering and answer parsing, metrics, and the
+"""The LLM judge (bae_core/evaluation/judge/): config validation, prompt rendering and answer parsing, metrics, and the
 whole protocol against a scripted, misbehaving OpenAI-compatible server on loopback and against llama.cpp's
 real server running the embedded SmolLM2 model."""
 
@@ -22,7 +22,7 @@ from judge_servers import (
     perfect_verdicts,
 )
 
-from bae_core.judge import (
+from bae_core.evaluation.judge import (
     PROMPT_VERSION,
     RESULT_KEYS,
     AnswerError,
@@ -504,7 +504,7 @@ def llama_server(tmp_path_factory):
             "dev extras: make install, or pip install -e '.[dev]'",
             pytrace=False,
         )
-    from bae_core.lm import _embedded_gguf
+    from bae_core.data.lm import _embedded_gguf
 
     gguf, _ = _embedded_gguf()
     log_path = tmp_path_factory.mktemp("llama") / "server.log"
@@ -513,7 +513,7 @@ def llama_server(tmp_path_factory):
 
 
 def test_llama_cpp_server_end_to_end(llama_server, tmp_path):
-    from bae_core.text import bible_documents
+    from bae_core.data.text import bible_documents
 
     words = " ".join(doc.text for doc in bible_documents()[:3]).split()
     latents = {

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.stats import mannwhitneyu
 
-from bae_core.lexical import LABEL, Rule, auroc, explain, score_latent, shuffled_windows, simulate
+from bae_core.evaluation.lexical import LABEL, Rule, auroc, explain, score_latent, shuffled_windows, simulate
 
 
 def windows_from(stream: np.ndarray, width: int = 32):

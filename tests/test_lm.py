@@ -11,15 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from bae_core import CoderConfig, SparseCoder
-from bae_core.lm import (
-    EMBEDDED_MODEL,
-    capture,
-    embedded_model_folder,
-    load_model,
-    resolve_hookpoints,
-    splice,
-    zero_ablate,
-)
+from bae_core.data.hooks import capture, splice, zero_ablate
+from bae_core.data.lm import EMBEDDED_MODEL, embedded_model_folder, load_model, resolve_hookpoints
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["The capital of France is", "One, two, three, four, five, six,"]
@@ -90,7 +83,7 @@ def test_concurrent_conversions_with_a_crashed_leftover_give_one_complete_folder
     two_hours_ago = time.time() - 7200
     os.utime(leftover, (two_hours_ago, two_hours_ago))
 
-    code = f"from bae_core.lm import load_model; print(load_model(cache_dir={str(tmp_path)!r}).revision)"
+    code = f"from bae_core.data.lm import load_model; print(load_model(cache_dir={str(tmp_path)!r}).revision)"
     procs = [
         subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         for _ in range(2)
@@ -110,7 +103,7 @@ def test_concurrent_conversions_with_a_crashed_leftover_give_one_complete_folder
 
 def test_unreachable_hub_model_names_it_and_suggests_the_embedded_default():
     # huggingface_hub reads HF_HUB_OFFLINE when imported, hence a fresh process.
-    code = "from bae_core.lm import load_model; load_model('bae-frontier/no-such-model')"
+    code = "from bae_core.data.lm import load_model; load_model('bae-frontier/no-such-model')"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from bae_core import CoderConfig, SparseCoder, build_coder
-from bae_core.ops import binary_step, gather_linear, surrogate_grad
+from bae_core.coders.ops import binary_step, gather_linear, surrogate_grad
 
 
 def sigmoid_surrogate(u, t):

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from bae_core.cache import (
+from bae_core.data.cache import (
     CacheError,
     load_manifest,
     open_cache,
@@ -15,7 +15,8 @@ from bae_core.cache import (
     unpack_activations,
     verify_cache,
 )
-from bae_core.lm import capture, load_model, resolve_hookpoints
+from bae_core.data.hooks import capture
+from bae_core.data.lm import load_model, resolve_hookpoints
 from ray_jobs.cache_job import CacheRequest, run_cache
 
 HOOKS = ["layers.3.mlp", "layers.5"]

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from bae_core.cache import load_manifest, verify_cache
+from bae_core.data.cache import load_manifest, verify_cache
 from ray_jobs.cli import main
-from ray_jobs.sweep_job import TRIALS_TABLE
+from ray_jobs.trials import TRIALS_TABLE
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -9,10 +9,11 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from bae_core.cache import verify_cache
+from bae_core.data.cache import verify_cache
 from ray_jobs.cache_job import run_cache
 from ray_jobs.spec import parse_spec
-from ray_jobs.sweep_job import TRIALS_TABLE, run_sweep
+from ray_jobs.sweep_job import run_sweep
+from ray_jobs.trials import TRIALS_TABLE
 
 
 @pytest.fixture(scope="module")

@@ -14,24 +14,18 @@ import torch
 from judge_servers import FakeJudgeServer, Reply, Request, chat
 
 from analysis import training_curves
-from bae_core.cache import iter_activation_batches
-from bae_core.interp import CONTROL_LATENTS, ExampleOptions, coder_latent_scores, lexical_summary
-from bae_core.judge import JudgeConfig
-from bae_core.lm import load_model
-from bae_core.train import TrainConfig, Trainer
+from bae_core.data.lm import load_model
+from bae_core.data.reader import iter_activation_batches
+from bae_core.evaluation.interp import CONTROL_LATENTS, ExampleOptions, coder_latent_scores, lexical_summary
+from bae_core.evaluation.judge import JudgeConfig
+from bae_core.training import TrainConfig, Trainer
 from ray_jobs.cache_job import run_cache
 from ray_jobs.cli import main
-from ray_jobs.score_job import (
-    ABLATION_TABLE,
-    CODERS_TABLE,
-    DENSITY_TABLE,
-    LATENTS_TABLE,
-    ScoreOptions,
-    run_score,
-    summarize,
-)
+from ray_jobs.score_job import run_score, summarize
+from ray_jobs.score_plan import ABLATION_TABLE, CODERS_TABLE, DENSITY_TABLE, LATENTS_TABLE, ScoreOptions
 from ray_jobs.spec import SpecError, parse_spec
-from ray_jobs.sweep_job import TRIALS_TABLE, run_sweep
+from ray_jobs.sweep_job import run_sweep
+from ray_jobs.trials import TRIALS_TABLE
 
 CONFIG_COLUMNS = ["trial_id", "status", "hookpoint", "activation", "kind", "k", "expansion_factor", "optimizer", "seed"]
 METRIC_COLUMNS = ["fvu", "l0", "dead_fraction", "frequent_fraction", "dense_fraction", "train_fvu", "train_seconds"]
@@ -382,11 +376,11 @@ def test_a_trial_killed_mid_training_resumes_its_training_log_without_repeating_
 
 
 def test_lexical_scores_of_a_coder_and_of_the_mlp_neurons_on_the_real_cache(local_ray, tmp_path, make_spec):
-    from bae_core.config import CoderConfig
-    from bae_core.interp import ExampleOptions, coder_latent_scores, neuron_baseline_scores
-    from bae_core.lm import load_model
-    from bae_core.metrics import evaluate_coder
-    from bae_core.train import build_coder
+    from bae_core.coders.config import CoderConfig
+    from bae_core.data.lm import load_model
+    from bae_core.evaluation.interp import ExampleOptions, coder_latent_scores, neuron_baseline_scores
+    from bae_core.evaluation.metrics import evaluate_coder
+    from bae_core.training import build_coder
 
     root = tmp_path / "cache"
     run_cache(parse_spec(make_spec("unused", root, cache={"heldout_tokens": 4096})).cache_request())

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bae_core import SparseCoder
-from bae_core.cache import CacheManifest, HookpointInfo, build_table, open_filesystem, write_shard
+from bae_core.data.cache import CacheManifest, HookpointInfo, build_table, open_filesystem, write_shard
 from bae_core.synthetic import SyntheticConfig, SyntheticData
 from ray_jobs.train_job import TrainJob, export_coder, run_train
 

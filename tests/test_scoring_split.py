@@ -5,10 +5,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bae_core.cache import open_cache
-from bae_core.config import CoderConfig
-from bae_core.examples import WINDOW, cut_windows, window_rows
-from bae_core.interp import (
+from bae_core.coders.config import CoderConfig
+from bae_core.data.cache import open_cache
+from bae_core.evaluation.examples import WINDOW, cut_windows, window_rows
+from bae_core.evaluation.interp import (
     CONTROL_LATENTS,
     ExampleOptions,
     coder_activations,
@@ -16,7 +16,7 @@ from bae_core.interp import (
     control_scores,
     split_tokens,
 )
-from bae_core.train import build_coder
+from bae_core.training import build_coder
 from ray_jobs.cache_job import run_cache
 from ray_jobs.spec import parse_spec
 

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from ray_jobs.cli import main
-from ray_jobs.spec import SpecError, describe_plan, load_spec, parse_spec
+from ray_jobs.plan import describe_plan
+from ray_jobs.spec import SpecError, load_spec, parse_spec
 
 SWEEPS = Path(__file__).resolve().parent.parent / "sweeps"
 

@@ -15,7 +15,7 @@ from bae_core.synthetic import (
     synthetic_recipe,
     train_on_synthetic,
 )
-from bae_core.train import build_coder
+from bae_core.training import build_coder
 
 CASES = [(activation, kind) for activation in ACTIVATIONS for kind in ["sae", "skip_transcoder"]]
 

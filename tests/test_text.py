@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from bae_core.text import (
+from bae_core.data.text import (
     TOKENIZE_BATCH_DOCUMENTS,
     Document,
     load_documents,
@@ -239,7 +239,7 @@ def test_missing_text_column_names_it_and_lists_the_columns(tmp_path):
 
 def test_unreachable_hub_names_the_dataset_and_suggests_the_embedded_corpus():
     # A fresh interpreter: the hub libraries read HF_HUB_OFFLINE once, when they are imported.
-    code = "from bae_core.text import load_documents; load_documents('no-such-owner/no-such-dataset')"
+    code = "from bae_core.data.text import load_documents; load_documents('no-such-owner/no-such-dataset')"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bae_core import CoderConfig, SparseCoder, TrainConfig, Trainer, build_coder
-from bae_core.coder import fraction_of_variance_unexplained
+from bae_core.coders.coder import fraction_of_variance_unexplained
 from bae_core.synthetic import SyntheticConfig, SyntheticData
 
 # ---- the saved point keeps the decoder constraint -------------------------------------------------------------
@@ -116,7 +116,7 @@ def test_free_l0_code_fires_k_latents_under_default_settings(tmp_path, activatio
 def test_free_l0_code_off_target_is_named_in_a_warning(caplog):
     cfg = CoderConfig(activation="binary_threshold", k=4, num_latents=64)
     trainer = Trainer(build_coder(cfg, 16, seed=0), TrainConfig(l0_control=0, log_every=0))
-    with caplog.at_level(logging.WARNING, logger="bae_core.train"):
+    with caplog.at_level(logging.WARNING, logger="bae_core.training"):
         trainer.fit((torch.randn(128, 16) for _ in range(5)), max_steps=5)
     (record,) = [r for r in caplog.records if "off its target" in r.message]
     assert "binary_threshold sae (k=4, 64 latents)" in record.message and "l0_control=0" in record.message
@@ -183,7 +183,7 @@ def test_data_parallel_workers_apply_the_same_l0_correction():
 
 
 def test_default_learning_rates_follow_the_binary_rule_with_either_optimiser():
-    from bae_core.train import default_lr
+    from bae_core.training import default_lr
 
     def coder(activation):
         return build_coder(CoderConfig(activation=activation, k=16, num_latents=2304), 576)

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .config import CoderConfig
-from .ops import binary_step, gather_linear, jump_relu
+from bae_core.coders.config import CoderConfig
+from bae_core.coders.ops import binary_step, gather_linear, jump_relu
 
 # Activations whose code is (values, indices) with k entries per row during training.
 SPARSE_CODE_ACTIVATIONS = frozenset({"topk", "groupmax", "binary_topk"})

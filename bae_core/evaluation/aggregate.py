@@ -18,7 +18,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from bae_core.metrics import DENSE_RATE, FREQUENT_RATE
+from bae_core.evaluation.metrics import DENSE_RATE, FREQUENT_RATE
 
 LOG10_RATE_EDGES = (-7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0)
 """Default frequency buckets: decades of firing rate, from 1e-7 to 1."""

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import check_positive
+from bae_core.coders.config import check_positive
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

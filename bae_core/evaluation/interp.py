@@ -2,7 +2,7 @@
 
     cache split (token ids, document ids, activations, in stored order)
       -> the coder's codes for every token (a sparse tokens x latents matrix)
-      -> 32-token windows split by document into explain and test (`bae_core.examples`)
+      -> 32-token windows split by document into explain and test (`bae_core.evaluation.examples`)
       -> one row per latent: firing count and rate, eligibility, explanation, lexical scores, shuffled control
 
 The baseline dictionary is the MLP's own neurons at the hookpoint, made sparse by keeping each token's k largest
@@ -19,9 +19,17 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from bae_core.cache import CacheManifest, iter_activation_batches, open_cache, read_shard, unpack_activations
-from bae_core.coder import SparseCoder
-from bae_core.examples import WINDOW, cut_windows, default_min_examples, per_token_topk, score_latents, window_rows
+from bae_core.coders.coder import SparseCoder
+from bae_core.data.cache import CacheManifest, open_cache, read_shard, unpack_activations
+from bae_core.data.reader import iter_activation_batches
+from bae_core.evaluation.examples import (
+    WINDOW,
+    cut_windows,
+    default_min_examples,
+    per_token_topk,
+    score_latents,
+    window_rows,
+)
 
 
 def split_tokens(root: str, hookpoint: str, split: str, manifest: CacheManifest) -> tuple[np.ndarray, np.ndarray]:
@@ -70,7 +78,7 @@ def coder_activations(
 
 @dataclass(frozen=True)
 class ExampleOptions:
-    """Which tokens are examples and how latents are scored (see `bae_core.examples.score_latents`)."""
+    """Which tokens are examples and how latents are scored (see `bae_core.evaluation.examples.score_latents`)."""
 
     split: str = "heldout"
     """Cache split to read; the held-out split is document-disjoint from the coders' training."""
@@ -92,7 +100,7 @@ def coder_latent_scores(
     decode=None,
     latents: np.ndarray | None = None,
 ) -> list[dict]:
-    """One row per latent of `coder` (or of `latents`; see `bae_core.examples.score_latents`), on the cache's
+    """One row per latent of `coder` (or of `latents`; see `bae_core.evaluation.examples.score_latents`), on the cache's
     `options.split`."""
     manifest = open_cache(root)
     tokens, docs = split_tokens(root, hookpoint, options.split, manifest)
@@ -119,7 +127,8 @@ def neuron_baseline_scores(
 
 def neuron_activations(loaded, root: str, hookpoint: str, k: int, split: str, manifest: CacheManifest) -> sp.csr_matrix:
     """The MLP's own neurons at `hookpoint` on every token of the split, each token keeping its `k` largest."""
-    from bae_core.lm import mlp_neurons, resolve_hookpoints
+    from bae_core.data.hooks import mlp_neurons
+    from bae_core.data.lm import resolve_hookpoints
 
     (hook,) = resolve_hookpoints(loaded, [hookpoint])
     width = manifest.hookpoints[hookpoint].columns.get("input")
@@ -199,12 +208,12 @@ def llm_examples(
     latents: np.ndarray,
     control: str | None = None,
 ) -> dict:
-    """The LLM judge's examples (`bae_core.judge.LatentExamples`) of the eligible ones among `latents`: a
+    """The LLM judge's examples (`bae_core.evaluation.judge.LatentExamples`) of the eligible ones among `latents`: a
     coder's, a reference dictionary's (`control`, see `control_activations`), or (`coder` None) the MLP neurons'
     at top-`k`. The windows are drawn exactly as the lexical score draws them (same options and seed): the
     activating explain windows, and the test windows."""
-    from bae_core.examples import example_sets
-    from bae_core.judge import LatentExamples
+    from bae_core.evaluation.examples import example_sets
+    from bae_core.evaluation.judge import LatentExamples
 
     manifest = open_cache(root)
     tokens, docs = split_tokens(root, hookpoint, options.split, manifest)

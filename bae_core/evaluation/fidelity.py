@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bae_core.coder import SparseCoder
-from bae_core.lm import Hookpoint, LoadedModel, splice, zero_ablate
+from bae_core.coders.coder import SparseCoder
+from bae_core.data.hooks import splice, zero_ablate
+from bae_core.data.lm import Hookpoint, LoadedModel
 
 CLEAN = "clean"
 ZERO_ABLATED = "zero_ablated"

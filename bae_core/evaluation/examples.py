@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from bae_core.lexical import LABEL, score_latent, shuffled_windows
-from bae_core.text import hash_split
+from bae_core.data.text import hash_split
+from bae_core.evaluation.lexical import LABEL, score_latent, shuffled_windows
 
 WINDOW = 32
 """Tokens per example window."""

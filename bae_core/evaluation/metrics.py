@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bae_core.coder import SparseCoder
+from bae_core.coders.coder import SparseCoder
 
 DENSE_RATE = 0.10
 """A latent firing on more than this fraction of tokens is dense (the common literature cut)."""

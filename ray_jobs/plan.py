@@ -1,0 +1,104 @@
+"""The plan of a sweep, printed by `bae sweep --dry-run`: trials, coder sizes and the resources they need.
+
+Nothing here imports Ray."""
+
+from __future__ import annotations
+
+from bae_core.coders.config import CoderConfig
+from ray_jobs.spec import SweepSpec
+
+
+def coder_parameters(kind: str, d_in: int, d_out: int, num_latents: int, has_threshold: bool) -> int:
+    """Trainable parameters of one coder: encoder, decoder, biases, skip matrix and thresholds."""
+    n = num_latents * d_in + num_latents + num_latents * d_out + d_out
+    if kind == "skip_transcoder":
+        n += d_in * d_out
+    return n + (num_latents if has_threshold else 0)
+
+
+def trial_memory_bytes(parameters: int, batch_size: int, num_latents: int) -> int:
+    """Rough peak memory of one training trial: fp32 weights, gradients and two optimiser buffers, plus
+    the dense pre-activations of a batch and their gradient."""
+    return 16 * parameters + 12 * batch_size * num_latents
+
+
+def describe_plan(spec: SweepSpec, widths: dict[str, dict[str, int]] | None, *, source: str = "") -> str:
+    """What `bae sweep --dry-run` prints: the trials, the budget and the resources a sweep needs.
+
+    `widths` ({hookpoint: {"input": d_in, "output": d_out}}) comes from the cache manifest or the model's
+    config; without it the dictionary sizes are given as multiples of the (unknown) input width.
+    """
+    cache, training, res, search = spec.cache_request(), spec.training, spec.resources, spec.search
+    n = spec.num_trials()
+    lines = [f"sweep {spec.name}" + (f" ({source})" if source else "")]
+    if spec.description:
+        lines.append(f"  {spec.description}")
+    tokens = lambda v: "all" if v is None else f"{v:,}"  # noqa: E731
+    lines += [
+        f"  output     {spec.run_dir}  (trials.parquet, spec.json, tune/)",
+        f"  cache      {spec.cache_root}: {cache.model} on {cache.dataset}, {', '.join(cache.hookpoints)}; "
+        f"{tokens(cache.train_tokens)} train + {tokens(cache.heldout_tokens)} held-out tokens in sequences of "
+        f"{cache.seq_len}; {cache.actors} actor(s) x ({cache.cpus_per_actor:g} CPU, {cache.gpus_per_actor:g} GPU)",
+    ]
+    objectives = ", ".join(f"{m} ({mode})" for m, mode in search.objectives.items())
+    if search.algorithm == "grid":
+        grid = len(spec.grid())
+        how = f"grid, {n} trials ({search.num_samples} x {grid} combinations)"
+    else:
+        how = f"optuna (TPE{', multi-objective' if len(search.objectives) > 1 else ''}), {n} trials, seed {search.seed}"
+    lines.append(f"  search     {how}; objectives {objectives}")
+    per_trial = training.steps * training.batch_size
+    epochs = f" = {per_trial / cache.train_tokens:.1f} passes over the train split" if cache.train_tokens else ""
+    lines.append(
+        f"  training   {training.steps:,} steps x {training.batch_size:,} tokens = {per_trial:,} tokens per trial"
+        f"{epochs}; checkpoint every {training.checkpoint_every:,} steps, training log every "
+        f"{training.log_every:,}; held-out metrics on "
+        f"{tokens(training.eval_tokens)} tokens"
+    )
+    cpus, gpus = res.workers * res.cpus_per_worker, res.workers * res.gpus_per_worker
+    at_once = min(n, search.max_concurrent or n)
+    mode = "in the trial's process" if res.workers == 1 else "a data-parallel TorchTrainer"
+    lines.append(
+        f"  resources  per trial {res.workers} worker(s) x ({res.cpus_per_worker:g} CPU, {res.gpus_per_worker:g} GPU), "
+        f"{mode}; up to {at_once} at once{'' if search.max_concurrent else ' as the cluster allows'}: "
+        f"{at_once * cpus:g} CPU, {at_once * gpus:g} GPU; {res.max_failures} retries per trial"
+    )
+    lines.append(f"  total      {n * per_trial:,} training tokens over {n} trials")
+    if search.algorithm != "grid":
+        lines.append("  space")
+        for key, values in {"hookpoint": spec.hookpoints, **spec.space}.items():
+            lines.append(f"    {key}: {values}")
+        return "\n".join(lines)
+
+    rows = []
+    for i, point in enumerate(spec.grid(), start=1):
+        hookpoint, coder, _ = spec.trial_settings(point)
+        cfg = CoderConfig(**coder)
+        w = (widths or {}).get(hookpoint)
+        if w is None:
+            latents, params, memory = (
+                f"{cfg.num_latents:,}" if cfg.num_latents else f"{cfg.expansion_factor} x d_in",
+                "?",
+                "?",
+            )
+        else:
+            d_in = w.get("input", w["output"]) if cfg.is_transcoder else w["output"]
+            m = cfg.latents_for(d_in)
+            p = coder_parameters(cfg.kind, d_in, w["output"], m, cfg.has_threshold)
+            latents, params = f"{m:,}", f"{p / 1e6:.1f}M"
+            memory = f"{trial_memory_bytes(p, training.batch_size // res.workers, m) / 2**30:.1f} GiB"
+        rows.append(
+            [str(i), hookpoint, cfg.activation, cfg.kind, str(cfg.k), latents, params, memory]
+            + [str(point[k]) for k in point if k not in ("hookpoint", "activation", "kind", "k")]
+        )
+    extra = [k for k in spec.grid()[0] if k not in ("hookpoint", "activation", "kind", "k")]
+    header = ["#", "hookpoint", "activation", "kind", "k", "latents", "parameters", "memory/trial", *extra]
+    widths_ = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines.append("")
+    for r in [header, *rows]:
+        lines.append("  " + "  ".join(c.ljust(wd) for c, wd in zip(r, widths_, strict=True)).rstrip())
+    if search.num_samples > 1:
+        lines.append(f"  (each of the {len(rows)} combinations runs {search.num_samples} times)")
+    if widths is None:
+        lines.append("  (the model's config is not available offline: sizes are shown as multiples of d_in)")
+    return "\n".join(lines)
