@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 
 def add_score_parser(sub: argparse._SubParsersAction) -> None:
@@ -56,7 +55,7 @@ def add_score_parser(sub: argparse._SubParsersAction) -> None:
     llm.add_argument(
         "--llm-cache",
         default=None,
-        help="folder of the on-disk response cache (default: RUN/llm/cache for a local run folder)",
+        help="folder or URI of the response cache (default: RUN/llm/cache)",
     )
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     p.set_defaults(func=run_score_cmd)
@@ -68,9 +67,8 @@ JUDGE_CHOICES = ("lexical", "llm")
 def _judge_config(args: argparse.Namespace, run: str):
     from bae_core.evaluation.judge import JudgeConfig
 
-    cache = args.llm_cache
-    if cache is None and "://" not in run:
-        cache = str(Path(run) / "llm" / "cache")
+    # RUN/llm/cache, for a run folder at a URI (s3://...) too.
+    cache = args.llm_cache or f"{run.rstrip('/')}/llm/cache"
     overrides = {k: v for k, v in (("base_url", args.llm_base_url), ("model", args.llm_model)) if v}
     return JudgeConfig.from_env(
         **overrides,
