@@ -6,8 +6,10 @@
          per hookpoint per unit (atomically) -> shard records back to the driver -> manifest.json
 
 Re-running with the same arguments resumes: finished units are skipped, and a shard that was
-renamed into place just before a crash is adopted after a check. Other settings on an existing
-cache are refused with the setting named.
+renamed into place just before a crash is adopted after a check. It also repairs: shards that are
+missing or whose size is not the manifest's (or, with `checksums`, whose sha256 differs) are rewritten,
+and only those. Other settings on an existing cache are refused with the setting named. While it
+writes, it holds the cache root's lock (`ray_jobs.lock`): a second writer is refused.
 """
 
 from __future__ import annotations
@@ -27,12 +29,15 @@ from bae_core.data.cache import (
     HookpointInfo,
     ShardRecord,
     build_table,
+    damaged_shards,
+    describe_damage,
     describe_existing_shard,
     load_manifest,
     open_filesystem,
     units_for,
     write_shard,
 )
+from ray_jobs.lock import folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +87,8 @@ class CacheRequest:
 
 
 class _CaptureWriter:
-    """Ray Data actor: holds the model, captures a unit's activations and writes its shards."""
+    """Ray Data actor: holds the model, captures a unit's activations and writes its shards (of the hookpoints
+    the unit's row names: all but those already written when a damaged shard is repaired)."""
 
     def __init__(self, req: CacheRequest, hookpoints: list[str]):
         import ray
@@ -108,10 +114,12 @@ class _CaptureWriter:
             split, unit = str(batch["split"][i]), int(batch["unit"][i])
             token_ids = np.asarray(batch["token_ids"][i], dtype=np.int64)
             n = len(token_ids)
-            acts: dict[str, dict[str, list]] = {h.name: {} for h in self.hookpoints}
+            names = str(batch["hookpoints"][i]).split(",")
+            hookpoints = [h for h in self.hookpoints if h.name in names]
+            acts: dict[str, dict[str, list]] = {h.name: {} for h in hookpoints}
             for start in range(0, n, self.req.batch_size):
                 ids = torch.from_numpy(token_ids[start : start + self.req.batch_size]).to(self.device)
-                captured = capture(self.loaded, ids, self.hookpoints)
+                captured = capture(self.loaded, ids, hookpoints)
                 for name, cols in captured.items():
                     for col, value in cols.items():
                         acts[name].setdefault(col, []).append(value.reshape(-1, value.shape[-1]).float().cpu())
@@ -145,8 +153,13 @@ def plan_sequences(req: CacheRequest, tokenizer) -> dict[str, dict[str, np.ndarr
     return plans
 
 
-def run_cache(req: CacheRequest, *, progress=None) -> CacheManifest:
-    """Create or resume the cache described by `req`; returns the finished manifest."""
+def run_cache(req: CacheRequest, *, progress=None, repair: bool = True, checksums: bool = False) -> CacheManifest:
+    """Create, resume or repair the cache described by `req`; returns the finished manifest.
+
+    A finished cache whose shards all have their recorded sizes (with `checksums`, also their sha256 and rows:
+    every shard is read) is returned as it is, and its lock is not taken. Otherwise, holding the cache root's
+    lock, the missing units and the missing or damaged shards are written; with `repair` False, a damaged
+    finished cache is refused instead, with a CacheError naming the shard and the repair."""
     from bae_core.data.lm import load_model, resolve_hookpoints
 
     fs, base = open_filesystem(req.root)
@@ -167,14 +180,36 @@ def run_cache(req: CacheRequest, *, progress=None) -> CacheManifest:
         seed=req.seed,
         max_tokens={"train": req.train_tokens, "heldout": req.heldout_tokens},
     )
-    manifest = load_manifest(req.root)
+    tokenizer = loaded.tokenizer
+    del loaded
+    existing = load_manifest(req.root)
+    if existing is not None:
+        existing.check_matches(wanted, req.root)
+        if existing.complete:
+            damaged = damaged_shards(req.root, existing, checksums=checksums, fs=fs, base=base)
+            if not damaged:
+                return existing
+            if not repair:
+                raise CacheError(describe_damage(req.root, damaged))
+    with folder_lock(req.root, "bae cache"):
+        return _build(req, wanted, tokenizer, fs, base, progress, checksums)
+
+
+def _build(req, wanted, tokenizer, fs, base, progress, checksums) -> CacheManifest:
+    manifest = load_manifest(req.root)  # read again under the lock
     if manifest is None:
         manifest = wanted
     else:
         manifest.check_matches(wanted, req.root)
+        damaged = damaged_shards(req.root, manifest, checksums=checksums, fs=fs, base=base)
+        for record, problem in damaged:
+            log.warning("cache: rewriting %s/%s, which %s", req.root.rstrip("/"), record.path, problem)
+            if problem != "is missing":  # gone, so that it is not adopted again below
+                fs.delete_file(f"{base}/{record.path}")
+        bad = {(r.split, r.hookpoint, r.unit) for r, _ in damaged}
+        manifest.shards = [s for s in manifest.shards if (s.split, s.hookpoint, s.unit) not in bad]
 
-    plans = plan_sequences(req, loaded.tokenizer)
-    del loaded
+    plans = plan_sequences(req, tokenizer)
     items = []
     for split in SPLITS:
         cols = plans[split]
@@ -186,23 +221,25 @@ def run_cache(req: CacheRequest, *, progress=None) -> CacheManifest:
             "tokens": n * req.seq_len,
             "units": units,
         }
-        finished = manifest.finished_units(split)
+        written = {(s.hookpoint, s.unit) for s in manifest.shards if s.split == split}
         for unit in range(units):
             lo, hi = unit * req.sequences_per_unit, min(n, (unit + 1) * req.sequences_per_unit)
-            if unit not in finished:
-                # A shard renamed into place just before a crash is complete; adopt it after a check.
-                adopted = [
-                    describe_existing_shard(fs, base, split, name, unit, (hi - lo) * req.seq_len)
-                    for name in manifest.hookpoints
-                ]
-                if all(adopted):
-                    for rec in adopted:
-                        manifest.add(rec)
+            todo = []
+            for name in manifest.hookpoints:
+                if (name, unit) in written:
                     continue
+                # A shard renamed into place just before a crash is complete; adopt it after a check.
+                adopted = describe_existing_shard(fs, base, split, name, unit, (hi - lo) * req.seq_len)
+                if adopted is not None:
+                    manifest.add(adopted)
+                else:
+                    todo.append(name)
+            if todo:
                 items.append(
                     {
                         "split": split,
                         "unit": unit,
+                        "hookpoints": ",".join(todo),
                         "seq_index": cols["seq_index"][lo:hi],
                         "token_ids": cols["token_ids"][lo:hi],
                         "doc_id": cols["doc_id"][lo:hi],
@@ -253,7 +290,7 @@ def _write_units(req, manifest, items, fs, base, progress) -> None:
         for done, row in enumerate(records.iter_rows(), start=1):
             manifest.add(ShardRecord(**{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}))
             if progress is not None:
-                progress(done, len(items) * len(manifest.hookpoints))
+                progress(done, sum(len(item["hookpoints"].split(",")) for item in items))
             if time.monotonic() - last_save > 10:  # a crash of the driver loses at most ~10 s of records
                 manifest.save(fs, base)
                 last_save = time.monotonic()

@@ -23,8 +23,9 @@ packed two per ``uint32`` (a fixed-size list of width ceil(d / 2)): half the byt
 about twice as fast as float32 and several times faster than parquet's own float16.
 
 Shards are written atomically (a temporary name, then a rename), so a file under its final name is
-complete; the manifest records each shard's row count and sha256. `verify_shard` names a corrupt or
-truncated file and how to repair it.
+complete; the manifest records each shard's rows, size and sha256. `open_cache` checks every shard's
+size (one listing of the folder), `verify_cache` reads every shard; both name a damaged shard and its
+repair, `bae cache` with the same arguments, which rewrites exactly the missing and damaged shards.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ MANIFEST = "manifest.json"
 SPLITS = ("train", "heldout")
 STORAGE_DTYPES = ("float16", "float32")
 TOKEN_COLUMNS = ("seq_index", "position", "token_id", "doc_id", "doc_position")
-REPAIR_HINT = "delete it and run `bae cache` again with the same arguments: it rewrites missing shards only"
+REPAIR_HINT = "run `bae cache` again with the same arguments: it rewrites missing and damaged shards"
+DELETE_REPAIR_HINT = f"delete it and {REPAIR_HINT}"  # for damage that only a full read finds
 
 
 class CacheError(ValueError):
@@ -234,7 +236,10 @@ class CacheManifest:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as err:
-            raise CacheError(f"{where}: not valid JSON ({err}); {REPAIR_HINT}") from err
+            raise CacheError(
+                f"{where}: not valid JSON ({err}); delete it and run `bae cache` again with the same arguments: "
+                "the shards already written are checked and kept"
+            ) from err
         if d.get("format_version") != FORMAT_VERSION:
             raise CacheError(f"{where}: cache format {d.get('format_version')!r}; this version reads {FORMAT_VERSION}")
         d["hookpoints"] = {name: HookpointInfo(**info) for name, info in d["hookpoints"].items()}
@@ -254,13 +259,18 @@ def load_manifest(root: str) -> CacheManifest | None:
     return CacheManifest.from_json(read_bytes(fs, path).decode(), where=f"{root}/{MANIFEST}")
 
 
-def open_cache(root: str) -> CacheManifest:
-    """The manifest of a finished cache; a clear error when there is none or it is unfinished."""
+def open_cache(root: str, *, check_shards: bool = True) -> CacheManifest:
+    """The manifest of a finished cache; a clear error when there is none, it is unfinished, or (`check_shards`)
+    a shard is missing or its size is not the manifest's (one listing of the folder, no shard is read)."""
     manifest = load_manifest(root)
     if manifest is None:
         raise CacheError(f"cache: no {MANIFEST} under {root}; create it with `bae cache`")
     if not manifest.complete:
         raise CacheError(f"cache: {root} is unfinished; run `bae cache` again with the same arguments to complete it")
+    if check_shards:
+        damaged = damaged_shards(root, manifest)
+        if damaged:
+            raise CacheError(describe_damage(root, damaged))
     return manifest
 
 
@@ -319,52 +329,73 @@ def _parquet_rows(data: bytes) -> int:
 def describe_existing_shard(
     fs: pafs.FileSystem, base: str, split: str, hookpoint: str, unit: int, expected_rows: int
 ) -> ShardRecord | None:
-    """The record of a shard already on disk but missing from the manifest (a crash after its rename).
-
-    Returns None when there is no such file, or when it is unreadable or holds the wrong number of
-    rows (it is then rewritten).
-    """
+    """The record of a shard on disk but not in the manifest (a crash after its rename); None when there is no
+    such file, or it is unreadable or holds the wrong number of rows (it is then rewritten)."""
     rel = shard_path(split, hookpoint, unit)
-    path = f"{base}/{rel}"
-    if not _exists(fs, path):
+    if not _exists(fs, f"{base}/{rel}"):
         return None
-    data = read_bytes(fs, path)
-    try:
-        rows = _parquet_rows(data)
-    except (pa.ArrowInvalid, OSError):
-        return None
-    if rows != expected_rows:
-        return None
-    return ShardRecord(split, hookpoint, unit, rel, rows, hashlib.sha256(data).hexdigest(), len(data))
+    data = read_bytes(fs, f"{base}/{rel}")
+    record = ShardRecord(split, hookpoint, unit, rel, expected_rows, hashlib.sha256(data).hexdigest(), len(data))
+    return None if _content_problem(fs, base, record, data) else record
 
 
-def verify_shard(root: str, record: ShardRecord, fs: pafs.FileSystem | None = None, base: str | None = None) -> None:
-    """Raise CacheError naming the file when a shard is missing, truncated or altered."""
-    if fs is None or base is None:
+def shard_sizes(fs: pafs.FileSystem, base: str) -> dict[str, int]:
+    """The size of every file under a cache root, by its path relative to the root, from one listing."""
+    prefix = base.rstrip("/") + "/"
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    return {i.path[len(prefix) :]: i.size for i in infos if i.type == pafs.FileType.File and i.path.startswith(prefix)}
+
+
+def damaged_shards(
+    root: str, manifest: CacheManifest, *, checksums: bool = False, fs: pafs.FileSystem | None = None, base: str = ""
+) -> list[tuple[ShardRecord, str]]:
+    """The shards of `manifest` that are missing or whose size is not the one recorded, each with what is wrong;
+    with `checksums`, also those whose sha256 or row count differ (every shard is read)."""
+    if fs is None:
         fs, base = open_filesystem(root)
-    path = f"{base}/{record.path}"
-    if not _exists(fs, path):
-        raise CacheError(f"cache shard {root}/{record.path} is missing; {REPAIR_HINT}")
-    data = read_bytes(fs, path)
-    if len(data) != record.bytes or hashlib.sha256(data).hexdigest() != record.sha256:
-        raise CacheError(
-            f"cache shard {root}/{record.path} is corrupt or truncated "
-            f"({len(data)} bytes, expected {record.bytes}; checksum differs); {REPAIR_HINT}"
-        )
+    sizes = shard_sizes(fs, base)
+    damaged = []
+    for record in manifest.shards:
+        size = sizes.get(record.path)
+        if size is None:
+            damaged.append((record, "is missing"))
+        elif size != record.bytes:
+            damaged.append((record, f"is corrupt or truncated ({size} bytes, expected {record.bytes})"))
+        elif checksums and (problem := _content_problem(fs, base, record)):
+            damaged.append((record, problem))
+    return damaged
+
+
+def _content_problem(fs: pafs.FileSystem, base: str, record: ShardRecord, data: bytes | None = None) -> str | None:
+    data = read_bytes(fs, f"{base}/{record.path}") if data is None else data
+    if len(data) != record.bytes:
+        return f"is corrupt or truncated ({len(data)} bytes, expected {record.bytes})"
+    if hashlib.sha256(data).hexdigest() != record.sha256:
+        return "is corrupt (its sha256 is not the manifest's)"
     try:
         rows = _parquet_rows(data)
     except (pa.ArrowInvalid, OSError) as err:
-        raise CacheError(f"cache shard {root}/{record.path} is not readable parquet ({err}); {REPAIR_HINT}") from err
-    if rows != record.rows:
-        raise CacheError(f"cache shard {root}/{record.path} has {rows} rows, expected {record.rows}; {REPAIR_HINT}")
+        return f"is not readable parquet ({err})"
+    return None if rows == record.rows else f"has {rows} rows, expected {record.rows}"
+
+
+def describe_damage(root: str, damaged: list[tuple[ShardRecord, str]]) -> str:
+    """One line naming the first damaged shard, how many more there are, and the repair."""
+    record, problem = damaged[0]
+    more = f" (and {len(damaged) - 1} more damaged shards)" if len(damaged) > 1 else ""
+    sized = problem == "is missing" or problem.startswith("is corrupt or truncated")  # what `bae cache` finds
+    return (
+        f"cache shard {root.rstrip('/')}/{record.path} {problem}{more}; {REPAIR_HINT if sized else DELETE_REPAIR_HINT}"
+    )
 
 
 def verify_cache(root: str, manifest: CacheManifest | None = None) -> int:
-    """Check every shard of the cache at `root`; return how many were checked."""
-    manifest = manifest or open_cache(root)
-    fs, base = open_filesystem(root)
-    for record in manifest.shards:
-        verify_shard(root, record, fs, base)
+    """Check every shard of the cache at `root` (size, sha256, rows); return how many were checked. The
+    CacheError names the first damaged shard and counts the others."""
+    manifest = manifest or open_cache(root, check_shards=False)
+    damaged = damaged_shards(root, manifest, checksums=True)
+    if damaged:
+        raise CacheError(describe_damage(root, damaged))
     return len(manifest.shards)
 
 
@@ -375,7 +406,9 @@ def read_shard(root: str, record: ShardRecord, columns: list[str] | None = None)
     try:
         return pq.read_table(path, columns=columns, filesystem=fs)
     except (pa.ArrowInvalid, OSError) as err:
-        raise CacheError(f"cache shard {root}/{record.path} is corrupt or truncated ({err}); {REPAIR_HINT}") from err
+        raise CacheError(
+            f"cache shard {root}/{record.path} is corrupt or truncated ({err}); {DELETE_REPAIR_HINT}"
+        ) from err
 
 
 def shard_uris(root: str, manifest: CacheManifest, split: str, hookpoint: str) -> list[str]:

@@ -8,7 +8,7 @@ import torch
 
 from bae_core.coders.config import check_positive
 from bae_core.data.cache import (
-    REPAIR_HINT,
+    DELETE_REPAIR_HINT,
     CacheError,
     CacheManifest,
     ShardRecord,
@@ -107,7 +107,8 @@ def _read_window(
         table = read_shard(root, record, columns)
         if table.num_rows != record.rows:
             raise CacheError(
-                f"cache shard {root}/{record.path} has {table.num_rows} rows, expected {record.rows}; {REPAIR_HINT}"
+                f"cache shard {root}/{record.path} has {table.num_rows} rows, expected {record.rows}; "
+                f"{DELETE_REPAIR_HINT}"
             )
         for out, name in zip(rows, columns, strict=True):
             values = table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
