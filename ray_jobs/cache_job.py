@@ -153,6 +153,29 @@ def plan_sequences(req: CacheRequest, tokenizer) -> dict[str, dict[str, np.ndarr
     return plans
 
 
+def cache_command(req: CacheRequest) -> str:
+    """The `bae cache` command line with the settings of `req` that decide the cache's content: it creates,
+    resumes or repairs that cache."""
+    import shlex
+
+    flags = [
+        ("--hookpoints", ",".join(req.hookpoints)),
+        ("--model", req.model),
+        ("--revision", req.revision),
+        ("--dataset", req.dataset),
+        ("--text-column", req.text_column),
+        ("--seq-len", req.seq_len),
+        ("--train-tokens", "all" if req.train_tokens is None else req.train_tokens),
+        ("--heldout-tokens", "all" if req.heldout_tokens is None else req.heldout_tokens),
+        ("--heldout-fraction", req.heldout_fraction),
+        ("--dtype", req.dtype),
+        ("--sequences-per-shard", req.sequences_per_unit),
+        ("--seed", req.seed),
+    ]
+    args = ["bae", "cache", req.root] + [str(a) for flag, value in flags if value is not None for a in (flag, value)]
+    return shlex.join(args)
+
+
 def run_cache(req: CacheRequest, *, progress=None, repair: bool = True, checksums: bool = False) -> CacheManifest:
     """Create, resume or repair the cache described by `req`; returns the finished manifest.
 

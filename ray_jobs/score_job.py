@@ -19,7 +19,12 @@
 Every per-coder file is written atomically when its task ends, with the settings that produced it (the scoring
 version and the options that change its numbers), so running `bae score` again (after a crash, a killed worker,
 or with more trials finished) does only the work whose file is missing or was made with other settings; the
-reason for redoing a file is printed.
+reason for redoing a file is printed. An LLM judge file whose rows count failed prompts is incomplete and is
+redone too (the judge's response cache answers the prompts that succeeded); a judge that answered nothing
+fails the command (`JudgeUnreachable`) and is stored nowhere.
+
+`bae score` holds the run folder's lock (`ray_jobs.lock`) while it writes, and checks every cache it reads
+first (`open_cache`: a missing or truncated shard is named with its repair before any task starts).
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from __future__ import annotations
 import json
 import math
 
-from bae_core.data.cache import open_filesystem
+from bae_core.data.cache import open_cache, open_filesystem
+from ray_jobs.lock import folder_lock
 from ray_jobs.score_plan import (
     ABLATION_TABLE,
     CODERS_TABLE,
@@ -57,13 +63,21 @@ from ray_jobs.trials import TRIALS_TABLE, write_parquet_atomic
 
 def run_score(run_dir: str, options: ScoreOptions | None = None, *, progress=None, notice=None, **overrides):
     """Score every dictionary of the run whose files are missing or were made with other settings (Ray tasks)
-    and rewrite the tables; returns the latents table. `overrides` (e.g. min_examples=5) replace the run's own
-    scoring settings. `notice(text)` is told why an existing file is redone."""
+    and rewrite the tables, holding the run folder's lock; returns the latents table. `overrides` (e.g.
+    min_examples=5) replace the run's own scoring settings. `notice(text)` is told why an existing file is
+    redone."""
+    with folder_lock(run_dir, "bae score"):
+        return _run_score(run_dir, options, progress=progress, notice=notice, **overrides)
+
+
+def _run_score(run_dir: str, options: ScoreOptions | None = None, *, progress=None, notice=None, **overrides):
     import ray
 
     options = options or ScoreOptions.from_run(run_dir, **overrides)
     fs, base = open_filesystem(run_dir)
     tasks = plan(run_dir)
+    for cache in sorted({t.cache for t in tasks}):
+        open_cache(cache)  # a damaged cache is named here, in one line, rather than inside a task
     by_id = {t.coder_id: t for t in tasks}
     lexical = ray.remote(num_cpus=1, max_retries=2)(lexical_task)
     evaluation = ray.remote(num_cpus=1, max_retries=2)(evaluation_task)
@@ -83,9 +97,16 @@ def run_score(run_dir: str, options: ScoreOptions | None = None, *, progress=Non
             stages[t.coder_id].append("lexical")
         if t.checkpoint is not None and redo(f"{EVALUATION_DIR}/{t.coder_id}.json", options.evaluation_settings()):
             stages[t.coder_id].append("fidelity")
-    judge = [
-        t for t in tasks if options.judge == "llm" and redo(f"{LLM_DIR}/{t.coder_id}.parquet", options.llm_settings())
-    ]
+
+    def redo_judge(name: str) -> bool:
+        if redo(name, options.llm_settings()):
+            return True
+        failed, asked = _failed_prompts(fs, base, name)
+        if failed and notice is not None:
+            notice(f"redoing {name}: {failed} of {asked} judge prompts failed last time")
+        return failed > 0
+
+    judge = [t for t in tasks if options.judge == "llm" and redo_judge(f"{LLM_DIR}/{t.coder_id}.parquet")]
     total = sum(len(s) for s in stages.values()) + len(judge)
     done = 0
     pending: dict = {}
@@ -135,6 +156,16 @@ def run_score(run_dir: str, options: ScoreOptions | None = None, *, progress=Non
         if progress is not None:
             progress(done, total, f"llm judge {t.coder_id}")
     return write_tables(run_dir, tasks)
+
+
+def _failed_prompts(fs, base: str, name: str) -> tuple[int, int]:
+    """Failed and asked prompts of an LLM judge file."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    with fs.open_input_file(f"{base}/{name}") as f:
+        table = pq.read_table(f, columns=["llm_failed_prompts", "llm_prompts"])
+    return tuple(int(pc.sum(table[column]).as_py() or 0) for column in ("llm_failed_prompts", "llm_prompts"))
 
 
 def write_tables(run_dir: str, tasks: list[ScoreTask] | None = None):

@@ -140,12 +140,14 @@ def evaluation_task(task: ScoreTask, run_dir: str, options: ScoreOptions) -> dic
 
 def llm_task(task: ScoreTask, run_dir: str, options: ScoreOptions) -> int:
     """The LLM judge on up to `options.llm_latents` eligible latents of one dictionary; writes
-    RUN/llm/<coder id>.parquet (one row per judged latent) and returns its row count."""
+    RUN/llm/<coder id>.parquet (one row per judged latent) and returns its row count. A judge that answered
+    none of the prompts raises JudgeUnreachable and writes nothing; a file whose rows count failed prompts
+    (`llm_failed_prompts`) is incomplete, and `bae score` asks those prompts again on its next run."""
     import pandas as pd
 
     from bae_core.coders.coder import SparseCoder
     from bae_core.evaluation.interp import ExampleOptions, llm_examples
-    from bae_core.evaluation.judge import judge_latents
+    from bae_core.evaluation.judge import judge_latents, require_answers
 
     lexical = read_table(run_dir, f"{SCORES_DIR}/{task.coder_id}.parquet", ["latent", "eligible"])
     eligible = lexical.loc[lexical["eligible"], "latent"].to_numpy()
@@ -159,6 +161,7 @@ def llm_task(task: ScoreTask, run_dir: str, options: ScoreOptions) -> int:
     control = task.activation if task.kind == "control" else None
     examples = llm_examples(loaded, coder, task.cache, task.hookpoint, task.k, examples_options, chosen, control)
     results = judge_latents(options.llm, examples, seed=options.seed)
+    require_answers(options.llm, results)  # failures are not results
     frame = pd.DataFrame([{"latent": int(latent), **results[int(latent)]} for latent in chosen])
     frame.insert(0, "coder_id", task.coder_id)
     frame["llm_settings"] = _settings_text(options.llm_settings())

@@ -13,6 +13,9 @@
 
 Running the same spec again with the same output resumes the sweep (`Tuner.restore`): finished trials
 are kept, interrupted ones continue from their last checkpoint, failed ones are retried from theirs.
+While it runs, the sweep holds the run folder's lock (`ray_jobs.lock`): a second command writing the same
+folder is refused. A finished cache with a damaged shard is refused too, with the `bae cache` command that
+repairs it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from bae_core.coders.config import CoderConfig
 from bae_core.data.cache import open_cache, open_filesystem, write_bytes_atomic
 from bae_core.data.reader import coder_columns, iter_activation_batches
 from bae_core.training import TrainConfig
+from ray_jobs.lock import folder_lock
 from ray_jobs.runtime import storage_path
 from ray_jobs.spec import LEXICAL_METRICS, SpecError, SweepSpec
 from ray_jobs.train_job import TrainingLog
@@ -299,17 +303,32 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def run_sweep(spec: SweepSpec, *, cache_progress=None, quiet: bool = False):
-    """Run (or resume) the sweep; returns Tune's ResultGrid. The cache is created or resumed first."""
+    """Run (or resume) the sweep, holding the run folder's lock; returns Tune's ResultGrid. The cache is created
+    or resumed first."""
+    with folder_lock(storage_path(spec.run_dir), "bae sweep"):
+        return _run_sweep(spec, cache_progress=cache_progress, quiet=quiet)
+
+
+def _run_sweep(spec: SweepSpec, *, cache_progress=None, quiet: bool = False):
     from ray import tune
 
-    from ray_jobs.cache_job import run_cache
+    from bae_core.data.cache import CacheError
+    from ray_jobs.cache_job import cache_command, run_cache
 
     # Trials checkpoint often by design (a failure loses at most `checkpoint_every` steps).
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     run_dir = storage_path(spec.run_dir)
     cache = storage_path(spec.cache_root)
     _check_same_spec(spec, run_dir)
-    manifest = run_cache(dataclasses.replace(spec.cache_request(), root=cache), progress=cache_progress)
+    request = dataclasses.replace(spec.cache_request(), root=cache)
+    try:
+        # A finished cache is damaged only by something outside the sweep: refused, not rewritten behind its back.
+        manifest = run_cache(request, progress=cache_progress, repair=False)
+    except CacheError as err:
+        generic = "run `bae cache` again with the same arguments"
+        if generic not in str(err):
+            raise
+        raise CacheError(str(err).replace(generic, f"run `{cache_command(request)}`")) from err
     if spec.search.algorithm == "grid":
         for point in spec.grid():
             hp = manifest.hookpoints[point["hookpoint"]]

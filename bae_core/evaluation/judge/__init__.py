@@ -59,8 +59,10 @@ from bae_core.evaluation.judge.prompts import (
 from bae_core.evaluation.judge.scoring import (
     RESULT_KEYS,
     JudgePrompt,
+    JudgeUnreachable,
     binary_metrics,
     judge_latents,
+    require_answers,
     scoring_prompts,
 )
 
@@ -75,6 +77,7 @@ __all__ = [
     "JudgeClient",
     "JudgeConfig",
     "JudgePrompt",
+    "JudgeUnreachable",
     "LatentExamples",
     "MAX_EXPLANATION_CHARS",
     "Messages",
@@ -91,5 +94,6 @@ __all__ = [
     "parse_explanation",
     "parse_verdicts",
     "render_window",
+    "require_answers",
     "scoring_prompts",
 ]

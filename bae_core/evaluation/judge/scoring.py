@@ -61,6 +61,24 @@ RESULT_KEYS = (
 """Keys of each latent's result from `judge_latents`, in table order."""
 
 
+class JudgeUnreachable(RuntimeError):
+    """The judge answered none of the prompts asked: there is no result to store, and the run has failed."""
+
+
+def require_answers(config: JudgeConfig, results: dict[int, dict[str, Any]]) -> None:
+    """Raise JudgeUnreachable, in one line naming the server (without credentials), the model and the most
+    common failure, when prompts were asked and none was answered."""
+    prompts = sum(r["llm_prompts"] for r in results.values())
+    if not prompts or any(r["llm_failed_prompts"] < r["llm_prompts"] for r in results.values()):
+        return
+    reasons = Counter(r["llm_failures"] for r in results.values() if r["llm_prompts"])
+    reason = reasons.most_common(1)[0][0]
+    raise JudgeUnreachable(
+        f"the LLM judge at {_safe_url(config.base_url)} (model {config.model}) could not be reached: none of "
+        f"{prompts} prompts was answered ({reason}); nothing was stored, so the same command asks again"
+    )
+
+
 def binary_metrics(labels: Sequence[int], predictions: Sequence[int]) -> dict[str, float]:
     """Accuracy, balanced accuracy (the mean of the recalls of the classes present in `labels`) and F1 of the
     positive class; NaN where undefined (no windows; F1 with no positive label and no positive prediction)."""
