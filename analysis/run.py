@@ -7,6 +7,9 @@ RUN/ablation.parquet   one row per (coder, bin) of the ablation by score (`bae s
 RUN/density.parquet    log10 firing-rate histograms (`bae score`)
 RUN/frontier.parquet   the reconstruction-interpretability frontier (`bae report`, or computed on load)
 CHECKPOINT/training_log.parquet   a trial's training metrics every `training.log_every` steps (`training_curves`)
+
+trials.parquet stores checkpoints, and a cache inside the run, relative to the run folder (older runs: absolute);
+`load_run` gives them resolved against the folder it read, wherever it has been moved or copied.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import pandas as pd
 
 from analysis.frontier import frontier_table
 from bae_core.data.cache import open_filesystem
+from bae_core.data.paths import resolve
 
 FRONTIER_TABLE = "frontier.parquet"
 TRAINING_LOG = "training_log.parquet"
@@ -57,6 +61,7 @@ def load_run(path: str) -> RunTables:
     trials = _read(fs, base, "trials.parquet")
     if trials is None:
         raise ValueError(f"run {path}: no trials.parquet; run `bae sweep` into this folder first")
+    trials = resolve_paths(trials, path)
     tables = {name: _read(fs, base, f"{name}.parquet") for name in ("latents", "coders", "ablation", "density")}
     tables = {k: pd.DataFrame() if v is None else v for k, v in tables.items()}
     coders = tables["coders"]
@@ -71,7 +76,14 @@ def load_run(path: str) -> RunTables:
     return RunTables(path=path, trials=trials, frontier=frontier, **tables)
 
 
-def training_curves(trials: pd.DataFrame) -> pd.DataFrame:
+def resolve_paths(trials: pd.DataFrame, run: str) -> pd.DataFrame:
+    """trials.parquet's `checkpoint` and `cache` resolved against the run folder `run` (relative ones are under it;
+    URIs and the absolute paths of older runs stay as they are)."""
+    paths = {c: [resolve(run, p) for p in trials[c]] for c in ("checkpoint", "cache") if c in trials}
+    return trials.assign(**paths) if paths else trials
+
+
+def training_curves(trials: pd.DataFrame, run: str | None = None) -> pd.DataFrame:
     """Each trial's training log: one row per logged step (every `training.log_every` steps, and the last) with
     `trial_id`, `step`, `tokens`, `fvu` and `l0` (train batches, averaged over the `interval_steps` steps since
     the row before), `dead_fraction` (latents that never fired in training so far), `lr` and `seconds` (wall-clock
@@ -80,7 +92,9 @@ def training_curves(trials: pd.DataFrame) -> pd.DataFrame:
     Read from training_log.parquet in the trial's final checkpoint. For a run made before trials kept that log,
     the reports Tune stored at each checkpoint (the trial folder's result.json) stand in: a few rows per trial,
     with `interval_steps` missing. Trials without a checkpoint (failed ones) or whose folder is gone are left
-    out."""
+    out. `trials` comes from `load_run`, or, read from trials.parquet directly, with the run folder as `run`."""
+    if run is not None:
+        trials = resolve_paths(trials, run)
     frames = []
     for trial in trials.itertuples():
         checkpoint = getattr(trial, "checkpoint", None)

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 
 from bae_core.data.cache import open_filesystem
+from bae_core.data.paths import resolve
 from ray_jobs.sweep_job import SPEC_COPY
 from ray_jobs.trials import TRIALS_TABLE
 
@@ -132,6 +133,11 @@ def plan(run_dir: str) -> list[ScoreTask]:
     finished = trials[trials["status"] == "finished"]
     if finished.empty:
         raise ValueError(f"run {run_dir}: {TRIALS_TABLE} has no finished trial to score")
+    # Checkpoints, and a cache inside the run, are stored relative to the run folder (older runs: absolute).
+    finished = finished.assign(
+        checkpoint=[resolve(run_dir, c) for c in finished["checkpoint"]],
+        cache=[resolve(run_dir, c) for c in finished["cache"]],
+    )
     tasks = [
         ScoreTask(
             f"trial-{r.trial_id}",

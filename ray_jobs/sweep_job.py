@@ -32,6 +32,7 @@ from typing import Any
 
 from bae_core.coders.config import CoderConfig
 from bae_core.data.cache import open_cache, open_filesystem, write_bytes_atomic
+from bae_core.data.paths import relative_to
 from bae_core.data.reader import coder_columns, iter_activation_batches
 from bae_core.training import TrainConfig
 from ray_jobs.lock import folder_lock
@@ -342,7 +343,8 @@ def _run_sweep(spec: SweepSpec, *, cache_progress=None, quiet: bool = False):
         "model": manifest.model,
         "revision": manifest.revision,
         "dataset": manifest.dataset,
-        "cache": cache,
+        # Relative to the run folder when the cache is inside it, so that the folder can be moved.
+        "cache": relative_to(run_dir, cache),
         "sweep": spec.name,
         "code_version": code_version(),
         "spec": spec.model_dump(mode="json"),

@@ -1,5 +1,8 @@
 """The sweep's table of trials, trials.parquet: one row per finished or failed trial (its settings, held-out
-metrics, checkpoint and provenance), rewritten atomically by a driver-side Tune callback as trials end."""
+metrics, checkpoint and provenance), rewritten atomically by a driver-side Tune callback as trials end.
+
+Paths in it are relative to the run folder where they lie inside it (`checkpoint`, and `cache` when the cache is
+RUN/cache), so the folder can be moved or copied; `bae_core.data.paths.resolve` reads them back."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from ray.tune import Callback
 
 from bae_core.coders.config import CoderConfig
 from bae_core.data.cache import open_filesystem, write_bytes_atomic
+from bae_core.data.paths import relative_to
 from bae_core.training import TrainConfig
 from ray_jobs.spec import CODER_FIELDS, METRICS, TRAIN_FIELDS, SweepSpec
 
@@ -53,13 +57,14 @@ class TrialsTable(Callback):
         print(f"  [{finished}/{self.total}] {what} {settings} {figures}".rstrip(), file=sys.stderr, flush=True)
 
     def _write(self, trials) -> None:
-        rows = [trial_row(t, self.provenance) for t in trials if t.status in ("TERMINATED", "ERROR")]
+        rows = [trial_row(t, self.provenance, self.run_dir) for t in trials if t.status in ("TERMINATED", "ERROR")]
         if rows:
             write_trials_table(self.run_dir, rows)
 
 
-def trial_row(trial, provenance: dict[str, Any]) -> dict[str, Any]:
-    """One row of trials.parquet: the trial's full settings, its held-out metrics and its checkpoint."""
+def trial_row(trial, provenance: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """One row of trials.parquet: the trial's full settings, its held-out metrics and its checkpoint (relative to
+    `run_dir`)."""
     spec = SweepSpec.model_validate(provenance["spec"])
     hookpoint, coder, train = spec.trial_settings(trial.config)
     result = trial.last_result or {}
@@ -79,7 +84,10 @@ def trial_row(trial, provenance: dict[str, Any]) -> dict[str, Any]:
     for key in (*METRICS, "lexical_latents", "eval_tokens", "train_fvu", "train_seconds"):
         row[key] = result.get(key) if final else None
     checkpoint = trial.checkpoint
-    row["checkpoint"] = checkpoint.path if checkpoint is not None and final else None
+    # Tune's path is on its storage filesystem (for s3, `bucket/run/tune/...` without the scheme).
+    row["checkpoint"] = (
+        relative_to(run_dir, checkpoint.path, checkpoint.filesystem) if checkpoint is not None and final else None
+    )
     row["failures"] = trial.num_failures  # retries from a checkpoint: a dead worker or node, an error
     row["error"] = _error_text(trial)
     row.update({k: v for k, v in provenance.items() if k != "spec"})

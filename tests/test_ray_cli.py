@@ -102,7 +102,7 @@ def test_sweep_whose_driver_is_killed_resumes_without_retraining_finished_trials
     kept = trials.set_index("trial_id").loc[done_before["trial_id"]]
     for column in ("fvu", "train_seconds", "checkpoint"):
         assert kept[column].tolist() == done_before[column].tolist()
-    for trial_dir in {Path(c).parent for c in done_before["checkpoint"]}:
+    for trial_dir in {(run / c).parent for c in done_before["checkpoint"]}:  # stored relative to the run
         files = {p: t for p, t in checkpoints.items() if p.startswith(f"{trial_dir}/")}
         assert files and files == mtimes(trial_dir, "*.safetensors")
 

@@ -87,14 +87,14 @@ def test_grid_sweep_trains_every_combination_and_writes_the_trials_table(
     assert (trials["failures"] == 0).all()
     assert (trials["model"] == "embedded:SmolLM2-135M-Instruct").all()
     # Each trial's training log, every 10 steps, came with its final checkpoint.
-    curves = training_curves(trials)
+    curves = training_curves(trials, str(tmp_path / "run"))
     assert curves.groupby("trial_id")["step"].apply(list).to_dict() == {t: [10, 20] for t in trials["trial_id"]}
     assert (curves["tokens"] == curves["step"] * 128).all() and (curves["interval_steps"] == 10).all()
     assert curves["fvu"].between(0, 2).all() and curves["l0"].between(0, 8 + 1e-6).all()
 
     # Each row's checkpoint is the trained coder: it reproduces the held-out FVU the row reports.
     row = trials[(trials["activation"] == "binary_topk") & (trials["kind"] == "sae")].iloc[0]
-    trainer = Trainer.load_checkpoint(row["checkpoint"])
+    trainer = Trainer.load_checkpoint(tmp_path / "run" / row["checkpoint"])
     assert trainer.step_count == 20 and trainer.coder.cfg.activation == "binary_topk"
     trainer.eval_mode()
     x = next(
@@ -142,7 +142,7 @@ def test_grid_sweep_trains_every_combination_and_writes_the_trials_table(
     row = trials.iloc[0]
     whole = pd.DataFrame(
         coder_latent_scores(
-            Trainer.load_checkpoint(row["checkpoint"]).coder,
+            Trainer.load_checkpoint(tmp_path / "run" / row["checkpoint"]).coder,
             str(cache_root),
             "layers.3.mlp",
             ExampleOptions(min_examples=5),
@@ -268,7 +268,7 @@ def test_optuna_multi_objective_sweep_samples_the_space(local_ray, cache_root, t
     assert trials["lexical_auroc"].between(0.5, 1).all() and (trials["lexical_latents"] <= 256).all()
     assert trials["lexical_coverage"].between(0, 1).all() and trials["lexical_auroc_weighted"].notna().all()
     row = trials.iloc[0]
-    coder = Trainer.load_checkpoint(row["checkpoint"]).coder
+    coder = Trainer.load_checkpoint(tmp_path / "run" / row["checkpoint"]).coder
     again = lexical_summary(coder, str(cache_root), "layers.3.mlp", ExampleOptions(), max_latents=256)
     assert again["lexical_auroc"] == pytest.approx(row["lexical_auroc"])
     assert again["lexical_latents"] == row["lexical_latents"]
@@ -293,10 +293,10 @@ def test_a_multi_worker_trial_trains_with_a_data_parallel_torch_trainer(local_ra
     assert row["tokens"] == 20 * 128
     # The TorchTrainer's checkpoints live in the run folder, under the trial's name.
     assert list((tmp_path / "run" / "train").glob(f"trial-{row['trial_id']}/checkpoint_*"))
-    trainer = Trainer.load_checkpoint(row["checkpoint"])
+    trainer = Trainer.load_checkpoint(tmp_path / "run" / row["checkpoint"])
     assert trainer.coder.cfg.kind == "skip_transcoder" and trainer.step_count == 20
     # Rank 0 kept the training log, with the FVU and L0 averaged over both workers' batches.
-    curves = training_curves(trials)
+    curves = training_curves(trials, str(tmp_path / "run"))
     assert curves["step"].tolist() == [10, 20] and curves["tokens"].tolist() == [1280, 2560]
     assert (curves["interval_steps"] == 10).all() and curves["fvu"].between(0, 2).all()
 
