@@ -3,12 +3,15 @@
 RUN/frontier.parquet          the frontier table (written here, next to trials and latents)
 RUN/report/report.md          the report: what was run, what the score means, the claims table, the tables
 RUN/report/*.png              the figures it shows (analysis.plots)
+
+The run folder and the report folder may each be a local path or a URI (s3://bucket/run).
 """
 
 from __future__ import annotations
 
 import io
 import math
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +23,7 @@ from analysis.convergence import FALLING, convergence_summary, convergence_table
 from analysis.frontier import family, frontier_table
 from analysis.run import FRONTIER_TABLE, load_run, training_curves
 from bae_core.data.cache import open_filesystem, write_bytes_atomic
+from bae_core.data.paths import copy_folder, is_uri
 from bae_core.evaluation.aggregate import MIN_TEST_WINDOWS
 from bae_core.evaluation.lexical import LABEL
 
@@ -148,9 +152,17 @@ def seeds_summary(coders: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def write_report(run_dir: str, out_dir: str | None = None) -> Path:
+def write_report(run_dir: str, out_dir: str | None = None) -> Path | str:
     """Write RUN/frontier.parquet and the report (RUN/report/report.md and its PNGs, or under `out_dir`);
-    returns the report's path. Needs a local report folder (the run folder itself may be a URI)."""
+    returns the report's path. Either folder may be a local path or a URI (s3://...): a report for a URI is
+    made in a local temporary folder, then copied there."""
+    run_dir = str(run_dir)
+    out = str(out_dir) if out_dir else f"{run_dir.rstrip('/')}/{REPORT_DIR}"
+    if is_uri(out):
+        with tempfile.TemporaryDirectory(prefix="bae-report-") as d:
+            write_report(run_dir, d)
+            copy_folder(d, out)
+        return f"{out.rstrip('/')}/report.md"
     tables = load_run(run_dir)
     if not tables.scored:
         raise ValueError(f"run {run_dir}: no coders.parquet yet; run `bae score {run_dir}` first")
@@ -160,9 +172,7 @@ def write_report(run_dir: str, out_dir: str | None = None) -> Path:
     fs, base = open_filesystem(run_dir)
     write_bytes_atomic(fs, f"{base}/{FRONTIER_TABLE}", buffer.getvalue())
 
-    out = Path(out_dir) if out_dir else Path(run_dir) / REPORT_DIR
-    if "://" in str(out):
-        raise ValueError(f"out_dir: the report is written to a local folder, got {out}; pass --out")
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     coders, latents, trials = tables.coders, tables.latents, tables.trials
     curves = training_curves(trials)

@@ -9,6 +9,7 @@ import math
 import numpy as np
 
 from bae_core.data.cache import open_filesystem, write_bytes_atomic
+from bae_core.data.paths import local_folder
 from ray_jobs.score_plan import (
     EVALUATION_DIR,
     LLM_DIR,
@@ -37,7 +38,6 @@ def lexical_task(task: ScoreTask, run_dir: str, options: ScoreOptions, start: in
     RUN/scores/<coder id>.parquet, or for a slice to RUN/scores/<coder id>/part-<start>.parquet; returns the path."""
     import pandas as pd
 
-    from bae_core.coders.coder import SparseCoder
     from bae_core.evaluation.interp import ExampleOptions, coder_latent_scores, control_scores, neuron_baseline_scores
 
     loaded = _load_model(task.cache)
@@ -51,7 +51,7 @@ def lexical_task(task: ScoreTask, run_dir: str, options: ScoreOptions, start: in
             loaded, task.cache, task.hookpoint, task.k, examples, decode=decode, latents=latents
         )
     else:
-        coder = SparseCoder.load(task.checkpoint)
+        coder = _load_coder(task.checkpoint)
         rows = coder_latent_scores(coder, task.cache, task.hookpoint, examples, decode=decode, latents=latents)
     frame = pd.DataFrame(rows)
     frame.insert(0, "coder_id", task.coder_id)
@@ -63,6 +63,14 @@ def lexical_task(task: ScoreTask, run_dir: str, options: ScoreOptions, start: in
     name = f"{SCORES_DIR}/{task.coder_id}.parquet" if stop is None else _part(task.coder_id, start)
     write_parquet_atomic(run_dir, name, frame)
     return name
+
+
+def _load_coder(checkpoint: str):
+    """A trained coder from its checkpoint folder, local or at a URI (s3://...)."""
+    from bae_core.coders.coder import SparseCoder
+
+    with local_folder(checkpoint, names=("cfg.json", "sae.safetensors")) as d:
+        return SparseCoder.load(d)
 
 
 def _part(coder_id: str, start: int) -> str:
@@ -110,13 +118,12 @@ def evaluation_task(task: ScoreTask, run_dir: str, options: ScoreOptions) -> dic
     RUN/evaluation/<coder id>.json and returns its content."""
     import torch
 
-    from bae_core.coders.coder import SparseCoder
     from bae_core.data.lm import resolve_hookpoints
     from bae_core.evaluation.fidelity import fidelity_and_ablation
 
     loaded = _load_model(task.cache, options.lm_dtype)
     (hook,) = resolve_hookpoints(loaded, [task.hookpoint])
-    coder = SparseCoder.load(task.checkpoint)
+    coder = _load_coder(task.checkpoint)
     ids = torch.from_numpy(fidelity_sequences(task.cache, task.hookpoint, options.fidelity_tokens))
     scores = counts = None
     if options.ablation_bins:
@@ -145,7 +152,6 @@ def llm_task(task: ScoreTask, run_dir: str, options: ScoreOptions) -> int:
     (`llm_failed_prompts`) is incomplete, and `bae score` asks those prompts again on its next run."""
     import pandas as pd
 
-    from bae_core.coders.coder import SparseCoder
     from bae_core.evaluation.interp import ExampleOptions, llm_examples
     from bae_core.evaluation.judge import judge_latents, require_answers
 
@@ -157,7 +163,7 @@ def llm_task(task: ScoreTask, run_dir: str, options: ScoreOptions) -> int:
     examples_options = ExampleOptions(
         min_examples=options.min_examples, test_windows=options.test_windows, seed=options.seed
     )
-    coder = None if task.checkpoint is None else SparseCoder.load(task.checkpoint)
+    coder = None if task.checkpoint is None else _load_coder(task.checkpoint)
     control = task.activation if task.kind == "control" else None
     examples = llm_examples(loaded, coder, task.cache, task.hookpoint, task.k, examples_options, chosen, control)
     results = judge_latents(options.llm, examples, seed=options.seed)

@@ -303,6 +303,23 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+
+
+def _keep_credentials_out_of_tune() -> None:
+    """Ray Tune copies the driver's AWS credentials into every trial's runtime environment
+    (ray.tune.execution.class_cache), which Ray's runtime-env agent logs in plain text and the cluster keeps in
+    its state. Trials read shared storage with their node's own credentials instead, as the tasks of `bae cache`
+    and `bae score` do."""
+    try:
+        from ray.tune.execution import class_cache
+    except ImportError:
+        return
+    propagated = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
+    if isinstance(propagated, (set, frozenset)):
+        class_cache.ENV_VARS_TO_PROPAGATE = set(propagated) - set(CREDENTIAL_VARIABLES)
+
+
 def run_sweep(spec: SweepSpec, *, cache_progress=None, quiet: bool = False):
     """Run (or resume) the sweep, holding the run folder's lock; returns Tune's ResultGrid. The cache is created
     or resumed first."""
@@ -318,6 +335,7 @@ def _run_sweep(spec: SweepSpec, *, cache_progress=None, quiet: bool = False):
 
     # Trials checkpoint often by design (a failure loses at most `checkpoint_every` steps).
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    _keep_credentials_out_of_tune()
     run_dir = storage_path(spec.run_dir)
     cache = storage_path(spec.cache_root)
     _check_same_spec(spec, run_dir)

@@ -266,8 +266,14 @@ def run_train(job: TrainJob):
     return trainer.fit()
 
 
-def export_coder(result, dest: str | Path) -> Path:
-    """Copy the final coder (sae.safetensors + cfg.json + trainer state) out of a Ray result."""
+def export_coder(result, dest: str | Path) -> Path | str:
+    """Copy the final coder (sae.safetensors + cfg.json + trainer state) out of a Ray result into `dest`, a local
+    folder or a URI (s3://...)."""
+    from bae_core.data.paths import copy_folder, is_uri
+
     with result.checkpoint.as_directory() as d:
+        if is_uri(str(dest)):
+            copy_folder(d, str(dest))
+            return str(dest)
         shutil.copytree(d, dest, dirs_exist_ok=True)
     return Path(dest)

@@ -74,19 +74,25 @@ def cache_key(model: str, messages: Messages, temperature: float, max_tokens: in
 
 class ResponseCache:
     """Successful answers on disk, one JSON file per cache key ({key}.json holding model, prompt version and
-    answer), each written atomically so that concurrent writers and interrupted runs never leave half a file."""
+    answer), each written atomically so that concurrent writers and interrupted runs never leave half a file.
+    The folder is local, or a URI (s3://bucket/run/llm/cache) read and written with pyarrow."""
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
-        self.folder = Path(folder)
+        self.uri = str(folder) if "://" in str(folder) else None
+        self.folder = Path(folder) if self.uri is None else None
+        self.remote = _RemoteFolder(self.uri) if self.uri is not None else None
 
-    def path(self, key: str) -> Path:
-        return self.folder / f"{key}.json"
+    def path(self, key: str) -> Path | str:
+        return self.folder / f"{key}.json" if self.uri is None else f"{self.uri.rstrip('/')}/{key}.json"
 
     def get(self, key: str) -> str | None:
         """The cached answer, or None when there is none (an unreadable entry counts as none)."""
         try:
-            with open(self.path(key), encoding="utf-8") as f:
-                answer = json.load(f).get("answer")
+            if self.uri is not None:
+                answer = json.loads(self.remote.read_bytes(key)).get("answer")
+            else:
+                with open(self.path(key), encoding="utf-8") as f:
+                    answer = json.load(f).get("answer")
         except FileNotFoundError:
             return None
         except (OSError, ValueError, AttributeError) as err:
@@ -96,6 +102,10 @@ class ResponseCache:
 
     def put(self, key: str, model: str, answer: str) -> None:
         """Store an answer: write a temporary file in the same folder, then rename it over the final name."""
+        if self.uri is not None:
+            entry = {"model": model, "prompt_version": PROMPT_VERSION, "answer": answer}
+            self.remote.write_bytes(key, json.dumps(entry, ensure_ascii=False).encode("utf-8"))
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=".json")
         try:
@@ -105,6 +115,25 @@ class ResponseCache:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+class _RemoteFolder:
+    """A cache folder at a URI, on its pyarrow filesystem (bae_core.data.cache.open_filesystem), which threads
+    may share."""
+
+    def __init__(self, uri: str) -> None:
+        from bae_core.data.cache import open_filesystem
+
+        self.fs, self.base = open_filesystem(uri)
+
+    def read_bytes(self, key: str) -> bytes:
+        with self.fs.open_input_stream(f"{self.base}/{key}.json") as f:
+            return f.read()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        from bae_core.data.cache import write_bytes_atomic
+
+        write_bytes_atomic(self.fs, f"{self.base}/{key}.json", data)
 
 
 class JudgeClient:
