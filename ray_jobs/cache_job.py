@@ -14,6 +14,7 @@ writes, it holds the cache root's lock (`ray_jobs.lock`): a second writer is ref
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -38,6 +39,7 @@ from bae_core.data.cache import (
     write_shard,
 )
 from ray_jobs.lock import folder_lock
+from ray_jobs.runtime import ACTOR_ARGUMENTS_NOTE, dropped_stderr_lines
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,11 @@ class CacheRequest:
             value = getattr(self, name)
             if value is not None:
                 check_positive(name, value, integer=True)
+                if value < self.seq_len:
+                    raise ValueError(
+                        f"{name}: {value} tokens is less than one sequence (seq_len={self.seq_len}); the split would "
+                        f"hold no sequence. Raise {name} to at least {self.seq_len}, or lower seq_len"
+                    )
         if not 0 < self.heldout_fraction < 1:
             raise ValueError(f"heldout_fraction: must be between 0 and 1 (exclusive), got {self.heldout_fraction}")
 
@@ -309,16 +316,20 @@ def _write_units(req, manifest, items, fs, base, progress) -> None:
         num_gpus=req.gpus_per_actor or None,
     )
     last_save = time.monotonic()
-    try:
-        for done, row in enumerate(records.iter_rows(), start=1):
-            manifest.add(ShardRecord(**{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}))
-            if progress is not None:
-                progress(done, sum(len(item["hookpoints"].split(",")) for item in items))
-            if time.monotonic() - last_save > 10:  # a crash of the driver loses at most ~10 s of records
-                manifest.save(fs, base)
-                last_save = time.monotonic()
-    finally:
-        ctx.enable_progress_bars, ctx.print_on_execution_start = saved[:2]
-        for lg, level in saved[2].items():
-            lg.setLevel(level)
+    # Ray's core notes at error level, on every build, that Ray Data's restartable actors keep their constructor
+    # arguments in the object store: true, and nothing to act on; the caller's console shows progress instead.
+    quiet_lines = dropped_stderr_lines(ACTOR_ARGUMENTS_NOTE) if progress is not None else contextlib.nullcontext()
+    with quiet_lines:
+        try:
+            for done, row in enumerate(records.iter_rows(), start=1):
+                manifest.add(ShardRecord(**{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}))
+                if progress is not None:
+                    progress(done, sum(len(item["hookpoints"].split(",")) for item in items))
+                if time.monotonic() - last_save > 10:  # a crash of the driver loses at most ~10 s of records
+                    manifest.save(fs, base)
+                    last_save = time.monotonic()
+        finally:
+            ctx.enable_progress_bars, ctx.print_on_execution_start = saved[:2]
+            for lg, level in saved[2].items():
+                lg.setLevel(level)
     manifest.save(fs, base)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import sys
+import threading
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
@@ -76,3 +80,36 @@ def storage_path(path: str) -> str:
             resolved,
         )
     return resolved
+
+
+ACTOR_ARGUMENTS_NOTE = "has constructor arguments in the object store"
+"""Ray's error-level note on every actor pool of Ray Data (its actors are restartable and their arguments live in
+the object store); nothing a user can act on."""
+
+
+@contextlib.contextmanager
+def dropped_stderr_lines(*fragments: str) -> Iterator[None]:
+    """While active, drop the lines that contain any of `fragments` from everything this process writes to its
+    standard error, Ray's C++ core included (which Python's logging cannot filter); other lines pass unchanged."""
+    wanted = [f.encode() for f in fragments]
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump() -> None:
+        with os.fdopen(read_end, "rb") as source:
+            for line in source:
+                if not any(fragment in line for fragment in wanted):
+                    os.write(saved, line)
+
+    thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's last write end: the pump reads to its end and stops
+        thread.join(timeout=5)
+        os.close(saved)

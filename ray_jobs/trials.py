@@ -73,7 +73,12 @@ def trial_row(trial, provenance: dict[str, Any], run_dir: str) -> dict[str, Any]
     tcfg = dataclasses.asdict(TrainConfig(**train))
     row: dict[str, Any] = {
         "trial_id": trial.trial_id,
-        "status": "finished" if trial.status == "TERMINATED" and final else "failed",
+        # A trial stopped before its held-out evaluation (Ctrl+C) is not a failure: the next run resumes it.
+        "status": "finished"
+        if final and trial.status == "TERMINATED"
+        else "failed"
+        if trial.status == "ERROR"
+        else "stopped",
         "hookpoint": hookpoint,
         **{k: ccfg[k] for k in CODER_FIELDS},
         **{k: tcfg[k] for k in TRAIN_FIELDS},

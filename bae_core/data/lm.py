@@ -226,6 +226,43 @@ def _remove_stale_temporaries(folder: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_model_available(name: str, revision: str | None = None, *, timeout: float = 5.0) -> None:
+    """Cheap checks that `load_model(name)` can find the model, before anything heavy runs: the embedded weights
+    are installed; a local folder has a config.json; a hub model is in the local Hugging Face cache, or the hub
+    answers (one connection, `timeout` seconds, instead of the download's retries of about 25 s). Raises
+    FileNotFoundError naming the model and the offline alternative."""
+    if name == EMBEDDED_MODEL:
+        _embedded_gguf()
+        return
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")):
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model {name!r}: a local model folder needs a config.json (a transformers model saved with "
+                "save_pretrained)"
+            )
+        return
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+        return
+    endpoint = urlsplit(constants.ENDPOINT)
+    reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else None
+    if reason is None:
+        try:
+            port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+            socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+            return
+        except OSError as err:
+            reason = f"{endpoint.hostname} cannot be reached: {err.strerror or err}"
+    raise FileNotFoundError(
+        f"model {name!r}: not in the local Hugging Face cache, and {reason}. Without a network, use the embedded "
+        f"default {EMBEDDED_MODEL!r}, or a local folder"
+    )
+
+
 def _load_pretrained(
     name: str, revision: str | None, cache_dir: str | Path | None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -124,11 +124,13 @@ def _dataset_documents(
     suffix = Path(dataset).suffix.lower()
     try:
         if suffix in LOCAL_FILE_BUILDERS:
-            if not Path(dataset).is_file():
-                raise FileNotFoundError(f"dataset: no such file {dataset!r}")
+            check_dataset_file(dataset, text_column)
             builder = LOCAL_FILE_BUILDERS[suffix]
             options = {"sample_by": "paragraph"} if builder == "text" else {}
-            rows = datasets.load_dataset(builder, data_files={split: dataset}, split=split, **options)
+            try:
+                rows = datasets.load_dataset(builder, data_files={split: dataset}, split=split, **options)
+            except (ValueError, OSError, StopIteration, datasets.exceptions.DatasetGenerationError) as err:
+                raise ValueError(f"dataset: cannot read {dataset!r} as {builder}: {err or type(err).__name__}") from err
             prefix = Path(dataset).name
         else:
             rows = datasets.load_dataset(dataset, split=split, revision=revision, streaming=max_documents is not None)
@@ -139,6 +141,48 @@ def _dataset_documents(
             f"dataset: could not load {dataset!r} from the Hugging Face hub ({e}). Without a network, use the "
             f"embedded corpus (dataset={EMBEDDED_CORPUS!r}) or a local .jsonl/.json/.parquet/.txt file."
         ) from e
+
+
+def check_dataset_file(dataset: str, text_column: str = "text") -> None:
+    """Cheap checks of a local dataset file before anything heavy runs: it exists, is not empty, and (.jsonl,
+    .parquet) has `text_column`. FileNotFoundError or ValueError naming the file and the fix."""
+    path = Path(dataset)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset: no such file {dataset!r}; give an existing .jsonl/.json/.parquet/.txt file")
+    if not path.is_file():
+        raise ValueError(f"dataset: {dataset!r} is not a file; give a .jsonl/.json/.parquet/.txt file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"dataset: {dataset!r} is empty; it needs at least one document")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with open(path, encoding="utf-8", errors="replace") as f:
+            first = next((line for line in f if line.strip()), None)
+        if first is None:
+            raise ValueError(f"dataset: {dataset!r} has no document (only blank lines)")
+        try:
+            row = json.loads(first)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"dataset: the first line of {dataset!r} is not JSON ({err.msg}); one object per line"
+            ) from None
+        if not isinstance(row, dict) or text_column not in row:
+            columns = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+            raise ValueError(
+                f"text_column: {text_column!r} is not a column of {dataset!r}; available columns: {columns} "
+                "(its first line); choose one with --text-column"
+            )
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            names = pq.read_schema(path).names
+        except Exception as err:  # pyarrow raises ArrowInvalid (a ValueError) or OSError for a damaged file
+            raise ValueError(f"dataset: {dataset!r} is not a readable parquet file ({err})") from None
+        if text_column not in names:
+            raise ValueError(
+                f"text_column: {text_column!r} is not a column of {dataset!r}; available columns: "
+                f"{', '.join(names)}; choose one with --text-column"
+            )
 
 
 def _rows_to_documents(

@@ -14,10 +14,11 @@ Each subcommand imports what it needs when it runs, so `bae --help` stays fast.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from ray_jobs.cli.cache import add_cache_parser
+from ray_jobs.cli.console import HelpFormatter, add_global_options, configure_console
+from ray_jobs.cli.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, exit_code, one_line, remote_cause, resume_command
 from ray_jobs.cli.report import add_report_parser
 from ray_jobs.cli.score import add_score_parser
 from ray_jobs.cli.study import add_study_parser
@@ -30,29 +31,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bae",
         description="Binary and continuous sparse coders on language-model activations.",
+        epilog="Exit codes: 0 done; 1 the run failed (rerun the same command to resume); 2 bad input; "
+        "130 interrupted (finished work is kept; the same command resumes).",
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    add_global_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    add_synth_parser(sub)
-    add_cache_parser(sub)
-    add_train_parser(sub)
-    add_sweep_parser(sub)
-    add_score_parser(sub)
-    add_report_parser(sub)
-    add_study_parser(sub)
+    for add in (
+        add_synth_parser,
+        add_cache_parser,
+        add_train_parser,
+        add_sweep_parser,
+        add_score_parser,
+        add_report_parser,
+        add_study_parser,
+    ):
+        add(sub)
+    for command in sub.choices.values():
+        command.formatter_class = HelpFormatter
+        # Also after the command's name: `bae sweep spec.yaml --debug` as well as `bae --debug sweep spec.yaml`.
+        add_global_options(command, suppress=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `bae` command; returns its exit code (see `ray_jobs.cli.errors`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    if not args.verbose:
-        # The commands print their own progress; Ray Data and Tune log theirs to files under /tmp/ray.
-        for name in ("ray.data", "ray.tune", "ray.train"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    args = parser.parse_args(argv)  # a malformed option exits 2 with argparse's usage line
+    configure_console(verbose=args.verbose)
     try:
         return args.func(args)
-    except (ValueError, ConnectionError) as err:
-        print(f"bae {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(
+            f"bae {args.command}: interrupted; finished work is kept. Resume with: {resume_command(argv)}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        if args.debug:
+            raise
+        err = remote_cause(err)
+        code = exit_code(err)
+        hint = "" if code == EXIT_BAD_INPUT else " (run it again with --debug for the traceback)"
+        print(f"bae {args.command}: error: {one_line(err)}{hint}", file=sys.stderr)
+        return code

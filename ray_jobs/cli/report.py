@@ -21,7 +21,10 @@ def add_report_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_report_cmd(args: argparse.Namespace) -> int:
     from analysis import claims_table, load_run, write_report
+    from ray_jobs.cli.checks import scored_run, writable_folder
 
+    scored_run(args.run)
+    writable_folder(args.out or f"{args.run.rstrip('/')}/report", "--out")
     path = write_report(args.run, args.out)
     tables = load_run(args.run)
     claims = claims_table(tables.coders, tables.latents)

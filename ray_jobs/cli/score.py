@@ -11,6 +11,7 @@ import time
 def add_score_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "score",
+        add_help=False,
         help="fidelity, density and interpretability of every coder of a sweep's run folder (Ray tasks)",
         description="For every finished trial of RUN/trials.parquet, and for the MLP's own neurons at the same k "
         "(the baseline): explain each latent on held-out explain windows and score the explanation on held-out "
@@ -20,24 +21,25 @@ def add_score_parser(sub: argparse._SubParsersAction) -> None:
         "Writes RUN/latents.parquet, coders.parquet, ablation.parquet and density.parquet; running it again does "
         "only what is missing. Defaults come from the sweep spec's `scoring` section.",
     )
+    p.add_argument("-h", "--help", action=RunHelp, help="show this help (after RUN: with the values RUN will use)")
     p.add_argument("run", help="a run folder written by `bae sweep`")
-    p.add_argument("--judge", choices=JUDGE_CHOICES, default="lexical", help="lexical (default), or llm as well")
-    p.add_argument(
-        "--min-examples",
-        type=int,
-        default=None,
-        help="activating windows a latent needs to be scored (default: 200 per 10M tokens, at least 5)",
-    )
-    p.add_argument("--test-windows", type=int, default=None, help="activating test windows per latent (50)")
-    p.add_argument("--fidelity-tokens", type=int, default=None, help="held-out tokens for the spliced CE (16384)")
-    p.add_argument("--ablation-bins", type=int, default=None, help="bins of the ablation by score; 0 skips it (5)")
-    p.add_argument(
+    p.add_argument("--judge", choices=JUDGE_CHOICES, default="lexical", help="lexical, or llm as well")
+    spec_option(p, "--min-examples", type=int, help="activating windows a latent needs to be scored")
+    spec_option(p, "--test-windows", type=int, help="activating test windows per latent, and as many non-activating")
+    spec_option(p, "--fidelity-tokens", type=int, help="held-out tokens for the spliced CE, KL and top-1")
+    spec_option(p, "--ablation-bins", type=int, help="equal-firing-mass bins of the ablation by score; 0 skips it")
+    spec_option(
+        p,
         "--lm-dtype",
         choices=("float32", "bfloat16", "float16"),
-        default=None,
-        help="the language model's precision for fidelity and ablation (float32)",
+        help="the language model's precision for fidelity and ablation",
     )
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the test windows' draws and of the LLM judge's sample (default: 0)",
+    )
     llm = p.add_argument_group("LLM judge (--judge llm), any OpenAI-compatible chat-completions server")
     llm.add_argument(
         "--llm-base-url", default=None, help="e.g. http://127.0.0.1:8080/v1 (default: $BAE_JUDGE_BASE_URL)"
@@ -48,10 +50,10 @@ def add_score_parser(sub: argparse._SubParsersAction) -> None:
         default="OPENAI_API_KEY",
         help="name of the environment variable that holds the API key (read, never logged or written)",
     )
-    llm.add_argument("--llm-latents", type=int, default=50, help="eligible latents per dictionary to judge (50)")
-    llm.add_argument("--llm-concurrency", type=int, default=8, help="requests in flight at once (8)")
-    llm.add_argument("--llm-timeout", type=float, default=60.0, help="seconds per request (60)")
-    llm.add_argument("--llm-retries", type=int, default=3, help="retries of a failed request, with backoff (3)")
+    llm.add_argument("--llm-latents", type=int, default=50, help="eligible latents per dictionary to judge")
+    llm.add_argument("--llm-concurrency", type=int, default=8, help="requests in flight at once")
+    llm.add_argument("--llm-timeout", type=float, default=60.0, help="seconds per request")
+    llm.add_argument("--llm-retries", type=int, default=3, help="retries of a failed request, with backoff")
     llm.add_argument(
         "--llm-cache",
         default=None,
@@ -62,6 +64,54 @@ def add_score_parser(sub: argparse._SubParsersAction) -> None:
 
 
 JUDGE_CHOICES = ("lexical", "llm")
+SPEC_DEFAULTS = {
+    "min_examples": "200 per 10M held-out tokens, at least 5",
+    "test_windows": 50,
+    "fidelity_tokens": 16384,
+    "ablation_bins": 5,
+    "lm_dtype": "float32",
+}
+"""What applies to an option of `bae score` that neither the command line nor the run's spec sets."""
+
+
+def spec_option(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
+    """An option whose value, when not given, comes from the run's spec (its `scoring` section)."""
+    dest = flag.lstrip("-").replace("-", "_")
+    help_text = f"{kwargs.pop('help')} (default: the run's spec, scoring.{dest}; if it has none, {SPEC_DEFAULTS[dest]})"
+    parser.add_argument(flag, default=None, help=help_text, **kwargs)
+
+
+class RunHelp(argparse.Action):
+    """`bae score --help`; after RUN (`bae score RUN --help`), each spec-governed option shows the value RUN's
+    spec gives it, which is what a run of the command would use."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        run = getattr(namespace, "run", None)
+        if run:
+            applied = _spec_values(run)
+            for action in parser._actions:
+                if action.dest in applied and action.help:
+                    action.help = f"{action.help.split(' (default:')[0]} (for {run}: {applied[action.dest]})"
+        parser.print_help()
+        parser.exit()
+
+
+def _spec_values(run: str) -> dict:
+    """The scoring values RUN's spec gives (with the defaults where it has none); {} when RUN is not a run."""
+    from ray_jobs.runtime import storage_path
+    from ray_jobs.score_plan import ScoreOptions
+
+    try:
+        options = ScoreOptions.from_run(storage_path(run))
+    except Exception:  # not a run folder: the plain help is the answer
+        return {}
+    values = {name: getattr(options, name) for name in SPEC_DEFAULTS}
+    if values["min_examples"] is None:
+        values["min_examples"] = SPEC_DEFAULTS["min_examples"]
+    return values
 
 
 def _judge_config(args: argparse.Namespace, run: str):
@@ -81,11 +131,13 @@ def _judge_config(args: argparse.Namespace, run: str):
 
 
 def run_score_cmd(args: argparse.Namespace) -> int:
+    from ray_jobs.cli.checks import scored_run
     from ray_jobs.runtime import connect, storage_path
     from ray_jobs.score_job import run_score
     from ray_jobs.score_plan import CODERS_TABLE, LATENTS_TABLE, ScoreOptions, plan, read_table
 
     run = storage_path(args.run)
+    scored_run(run)
     tasks = plan(run)  # a missing or empty trials table is reported before Ray starts
     options = ScoreOptions.from_run(
         run,

@@ -42,7 +42,11 @@ def run_study_cmd(args: argparse.Namespace) -> int:
         print(f"[{i}/3] {name} ({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
         rc = command(argparse.Namespace(address=args.address, **values))
         if rc:
-            print(f"bae study: `bae {name}` failed (exit {rc}); fix it and run the same command again to resume")
+            print(
+                f"bae study: the {name} step failed (exit {rc}); fix what it names and run the same command again: "
+                "it resumes",
+                file=sys.stderr,
+            )
             return rc
     print(f"study done in {time.perf_counter() - start:.0f}s")
     return 0

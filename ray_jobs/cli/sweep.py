@@ -37,24 +37,53 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
         print(describe_plan(spec, _known_widths(spec), source=args.spec))
         return 0
 
+    from ray_jobs.cli.checks import model_and_dataset, writable_folder
+    from ray_jobs.cli.console import Progress
     from ray_jobs.runtime import connect, storage_path
     from ray_jobs.sweep_job import run_sweep
     from ray_jobs.trials import TRIALS_TABLE
 
+    run_dir = storage_path(spec.run_dir)
+    writable_folder(run_dir, "output")
+    writable_folder(storage_path(spec.cache_root), "cache.root")
+    cache = spec.cache_request()
+    model_and_dataset(cache.model, cache.revision, cache.dataset, cache.text_column)
     connect(args.address)
     start = time.perf_counter()
     if not args.quiet:
-        print(f"sweep {spec.name}: {spec.num_trials()} trials into {storage_path(spec.run_dir)}", file=sys.stderr)
-
-    def cache_progress(done: int, total: int) -> None:
-        if not args.quiet:
-            print(f"\r  caching activations: shard {done}/{total}", end="", file=sys.stderr, flush=True)
-
-    results = run_sweep(spec, cache_progress=cache_progress, quiet=args.quiet)
-    failed = [r for r in results if r.error is not None]
-    table = f"{storage_path(spec.run_dir).rstrip('/')}/{TRIALS_TABLE}"
-    print(
-        f"sweep {spec.name}: {len(results) - len(failed)} trials finished, {len(failed)} failed, "
-        f"{time.perf_counter() - start:.0f}s; trials table: {table}"
+        print(f"sweep {spec.name}: {spec.num_trials()} trials into {run_dir}", file=sys.stderr, flush=True)
+    progress = Progress("caching activations: shard", quiet=args.quiet)
+    try:
+        run_sweep(spec, cache_progress=progress, quiet=args.quiet)
+    finally:
+        progress.end()
+    finished, failed = trial_counts(run_dir)
+    total = spec.num_trials()
+    table = f"{run_dir.rstrip('/')}/{TRIALS_TABLE}"
+    summary = (
+        f"sweep {spec.name}: {finished} trials finished, {failed} failed, {total - finished - failed} left of {total}"
     )
+    if finished + failed < total:
+        # Tune stops at Ctrl+C and returns what it has: the sweep is incomplete, not done.
+        print(f"{summary} when it stopped; trials table: {table}", file=sys.stderr, flush=True)
+        raise KeyboardInterrupt
+    print(f"{summary}, {time.perf_counter() - start:.0f}s; trials table: {table}")
+    if failed:
+        print(
+            f"bae sweep: {failed} trial(s) failed: their errors are in the `error` column of {table}; run the same "
+            "command again to retry them from their last checkpoint",
+            file=sys.stderr,
+        )
     return 1 if failed else 0
+
+
+def trial_counts(run_dir: str) -> tuple[int, int]:
+    """Finished and failed trials in RUN/trials.parquet (0, 0 before the first trial ends)."""
+    from ray_jobs.score_plan import read_table
+    from ray_jobs.trials import TRIALS_TABLE
+
+    try:
+        status = read_table(run_dir, TRIALS_TABLE, ["status"])["status"]
+    except FileNotFoundError:
+        return 0, 0
+    return int((status == "finished").sum()), int((status == "failed").sum())

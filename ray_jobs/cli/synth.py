@@ -44,8 +44,13 @@ def add_synth_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--steps", type=int, default=None, help="training steps per coder (recipe: 1000; 2000 for binary_threshold)"
     )
-    p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--optimizer", choices=("adam", "signum"), default="adam")
+    p.add_argument("--batch-size", type=int, default=1024, help="samples per training step")
+    p.add_argument(
+        "--optimizer",
+        choices=("adam", "signum"),
+        default="adam",
+        help="adam, or signum (sign-SGD inside schedule-free)",
+    )
     p.add_argument(
         "--lr",
         type=float,
@@ -53,12 +58,17 @@ def add_synth_parser(sub: argparse._SubParsersAction) -> None:
         help="learning rate (recipe: 3e-3, 3e-2 for binary_groupmax; 0: the width scaling rule)",
     )
     p.add_argument("--temperature", type=float, default=None, help="surrogate temperature of binary coders")
-    p.add_argument("--surrogate", choices=("sigmoid", "rectangle", "identity"), default=None)
+    p.add_argument(
+        "--surrogate",
+        choices=("sigmoid", "rectangle", "identity"),
+        default=None,
+        help="straight-through surrogate of binary coders (default: each activation's recipe)",
+    )
     p.add_argument("--init-threshold", type=float, default=None, help="initial threshold of binary coders")
     p.add_argument("--l0-coef", type=float, default=None, help="L0 penalty for jumprelu/binary_threshold")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="fp32, or bf16 for the encoder matmul")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of every coder")
     p.add_argument("--json", action="store_true", help="print one JSON object per coder instead of a table")
     p.set_defaults(func=run_synth)
 

@@ -1,0 +1,78 @@
+"""How the `bae` command ends: exit codes, and one line per expected failure.
+
+    0    done
+    1    the run itself failed (a trial or a task failed, an unexpected error); rerun the same command to resume
+    2    bad input: an option, a spec value, a file or folder, a model or dataset that cannot be used, an
+         unreachable cluster; nothing was run, or what ran is kept
+    130  interrupted (Ctrl+C); finished work is kept and the same command resumes
+
+Every expected failure prints one line, `bae <command>: error: <what and how to fix it>`; `--debug` adds the
+traceback.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+class InputError(ValueError):
+    """Bad input found by a command's own checks: the message names the input and the fix."""
+
+
+class RunFailed(RuntimeError):
+    """The run itself failed (exit 1); the message says what failed and where its details are."""
+
+
+# Bad input: what the command was given cannot be used. Everything else is a failure of the run (exit 1).
+_INPUT_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,  # option and spec values, SpecError, CacheError, pydantic and pyarrow's ArrowInvalid among them
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    ConnectionError,  # an unreachable cluster or server named by an option
+)
+
+
+def exit_code(err: BaseException) -> int:
+    if isinstance(err, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(err, RunFailed):
+        return EXIT_FAILED
+    return EXIT_BAD_INPUT if isinstance(err, _INPUT_ERRORS) else EXIT_FAILED
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line. For a failure of the run (exit 1), the exception's type follows: the
+    message alone may come from deep inside a library."""
+    text = " ".join(str(err).split())
+    if isinstance(err, OSError) and err.strerror and err.filename:
+        text = f"{err.filename}: {err.strerror}"
+    if not text:
+        return type(err).__name__
+    if exit_code(err) == EXIT_BAD_INPUT or isinstance(err, RunFailed):
+        return text
+    return f"{text} ({type(err).__name__})"
+
+
+def remote_cause(err: BaseException) -> BaseException:
+    """The exception a Ray task or actor raised, rather than Ray's wrapper of it (whose message holds the remote
+    traceback)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and isinstance(err, ray.exceptions.RayTaskError):
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, BaseException):
+            return cause
+    return err
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that resumes a run: the same `bae` command."""
+    return "bae " + shlex.join(argv)
