@@ -359,7 +359,7 @@ def test_a_trial_killed_mid_training_resumes_its_training_log_without_repeating_
     trials = pd.read_parquet(run / TRIALS_TABLE).set_index("trial_id")
     assert len(results) == 2 and (trials["status"] == "finished").all() and (trials["steps"] == 300).all()
     assert trials["failures"].tolist() == [1, 0]  # the first trial was killed, and retried from a checkpoint
-    curves = training_curves(trials.reset_index())
+    curves = training_curves(trials.reset_index(), str(run))
     assert set(curves["trial_id"]) == set(trials.index)
     for trial_id, g in curves.groupby("trial_id"):
         # Every logged step once, in order: the killed attempt's rows after its checkpoint are not there twice.
