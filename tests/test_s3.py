@@ -106,6 +106,13 @@ def session_logs() -> list[Path]:
 
 def test_the_whole_chain_on_s3_keeps_the_credentials_secret(s3, tmp_path, capfd):
     run, cache = f"s3://{BUCKET}/run", f"s3://{BUCKET}/cache"
+    printed: list[str] = []
+
+    def output():
+        """What the commands printed since the last call (kept, to be searched for the credentials at the end)."""
+        out = capfd.readouterr()
+        printed.extend([out.out, out.err])
+        return out
 
     assert main(["cache", cache, *CACHE_FLAGS]) == 0
     shards = [k for k in objects("cache/") if k.endswith(".parquet")]
@@ -116,7 +123,7 @@ def test_the_whole_chain_on_s3_keeps_the_credentials_secret(s3, tmp_path, capfd)
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(sweep_spec(run, cache, space=SPACE)))
     assert main(["sweep", str(spec)]) == 0
-    assert "2 trials finished, 0 failed" in capfd.readouterr().out
+    assert "2 trials finished, 0 failed" in output().out
     stored = pd.read_parquet(io.BytesIO(get("run/trials.parquet")))
     assert len(stored) == 2 and (stored["status"] == "finished").all()
     # Checkpoints are stored relative to the run, the cache (not inside the run) as its URI.
@@ -130,7 +137,7 @@ def test_the_whole_chain_on_s3_keeps_the_credentials_secret(s3, tmp_path, capfd)
 
     # The same command again resumes the finished sweep: it trains nothing and rewrites no checkpoint.
     assert main(["sweep", str(spec)]) == 0
-    out = capfd.readouterr()
+    out = output()
     assert f"resuming the sweep in {run}/tune" in out.err and "2 trials finished, 0 failed" in out.out
     again = pd.read_parquet(io.BytesIO(get("run/trials.parquet")))
     pd.testing.assert_frame_equal(again, stored)  # same trial ids, train_seconds, checkpoints
@@ -171,9 +178,10 @@ def test_the_whole_chain_on_s3_keeps_the_credentials_secret(s3, tmp_path, capfd)
 
     # The credentials are nowhere: not in any object of the bucket (Tune's own files included), the output of
     # the commands, or Ray's logs.
-    out = capfd.readouterr()
+    output()
+    assert any("tune" in text for text in printed)
     for secret in s3.values():
-        assert secret not in out.out + out.err
+        assert not any(secret in text for text in printed)
         leaked = [k for k in objects("") if secret.encode() in get(k)]
         assert not leaked, f"credentials in {leaked}"
         leaked = [str(p) for p in [*session_logs(), *tmp_path.rglob("*")] if p.is_file() and secret in _text(p)]
