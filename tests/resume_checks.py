@@ -20,12 +20,13 @@ def reported_steps(trial_dir: Path) -> list[int]:
 def resumed_from(trial_dir: Path, checkpoint_every: int) -> list[int]:
     """The checkpoint steps a trial went on from after each of its failures, checked on the way.
 
-    Every report of this project's trials carries a checkpoint, so an attempt that continues from the checkpoint
-    of step c first reports step c + `checkpoint_every`. A report whose step is not above the one before marks a
-    new attempt; it must come from a checkpoint an earlier attempt reported (the last or, when the last had
-    not been registered yet as the attempt died, an earlier one), and no report after the failure may come at or
-    before that checkpoint's step. A trial restarted from step 0 reports `checkpoint_every` again and fails here.
-    A new attempt that starts exactly at its last report leaves no trace in the steps, which then only increase.
+    Every report of this project's trials carries a checkpoint, so an attempt that goes on from the checkpoint of
+    step c first reports step c + `checkpoint_every`. A report whose step is not above the one before marks a new
+    attempt. It must go on from the last checkpoint the attempt before it reported, or from the one before that
+    when the last had not been registered yet as the attempt died (step 0 only when that attempt had reported
+    nothing else), and no report after the failure may come at or before that checkpoint's step. A trial
+    restarted from step 0 after a few checkpoints reports `checkpoint_every` again and fails here. An attempt
+    that goes on exactly from its last report leaves no trace in the steps, which then only increase.
     """
     steps = reported_steps(trial_dir)
     assert steps, f"{trial_dir}: no report"
@@ -33,10 +34,10 @@ def resumed_from(trial_dir: Path, checkpoint_every: int) -> list[int]:
     for i in range(1, len(steps)):
         if steps[i] > steps[i - 1]:
             continue
-        checkpoint = steps[i] - checkpoint_every
-        assert checkpoint in steps[attempt:i], (
-            f"{trial_dir}: after the failure the trial reported step {steps[i]}, so it went on from step {checkpoint}, "
-            f"which is no checkpoint it had reported (reports {steps})"
+        checkpoint, before = steps[i] - checkpoint_every, steps[attempt:i]
+        assert checkpoint in (0, *before) and checkpoint >= before[-1] - checkpoint_every, (
+            f"{trial_dir}: after a failure the trial reported step {steps[i]}, so it went on from step {checkpoint}, "
+            f"not from the last checkpoint it had reported (reports {steps})"
         )
         assert all(s > checkpoint for s in steps[i:]), f"{trial_dir}: a report at or before step {checkpoint}: {steps}"
         resumed.append(checkpoint)

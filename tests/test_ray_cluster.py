@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import ray
 from ray.cluster_utils import Cluster
+from resume_checks import reported_steps, resumed_from
 
 from bae_core.data.cache import verify_cache
 from ray_jobs.cache_job import run_cache
@@ -49,33 +50,38 @@ def test_a_node_lost_mid_sweep_costs_no_finished_trial(cluster, cache_root, tmp_
     c, workers = cluster
     root, _ = cache_root
     run = tmp_path / "run"
-    # Four trials, two at a time (one per node); long enough that the others are still running when a node goes.
+    # Four trials, two at a time (one per node); long enough that the last two are caught in the middle.
     spec = parse_spec(
         make_spec(
             run,
             root,
             cache={"sequences_per_unit": 8},
-            training={"steps": 60, "checkpoint_every": 10},
+            training={"steps": 150, "checkpoint_every": 10},
             space={"activation": ["topk", "binary_topk"], "kind": ["sae", "skip_transcoder"]},
             resources={"cpus_per_worker": 1, "max_failures": 3},
         )
     )
     seen: dict[str, pd.DataFrame] = {}
 
-    def remove_a_node_after_the_first_trial():
+    def remove_a_node_once_a_trial_finished_and_both_running_ones_checkpointed():
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             try:
                 table = pd.read_parquet(run / TRIALS_TABLE)
             except (OSError, ValueError):
                 table = None
-            if table is not None and (table["status"] == "finished").any():
+            running = [steps for p in (run / "tune").glob("*/result.json") if (steps := reported_steps(p.parent))]
+            running = [steps for steps in running if steps[-1] < 150]
+            checkpointed = len(running) == 2 and all(steps[-1] >= 20 for steps in running)
+            if table is not None and (table["status"] == "finished").any() and checkpointed:
                 seen["before"] = table
                 c.remove_node(workers[1])
                 return
-            time.sleep(0.2)
+            time.sleep(0.05)
 
-    killer = threading.Thread(target=remove_a_node_after_the_first_trial, daemon=True)
+    killer = threading.Thread(
+        target=remove_a_node_once_a_trial_finished_and_both_running_ones_checkpointed, daemon=True
+    )
     killer.start()
     results = run_sweep(spec, quiet=True)
     killer.join(timeout=5)
@@ -84,9 +90,16 @@ def test_a_node_lost_mid_sweep_costs_no_finished_trial(cluster, cache_root, tmp_
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2  # the head and one worker remain
     trials = pd.read_parquet(run / TRIALS_TABLE)
     assert len(results) == 4 and all(r.error is None for r in results)
-    assert len(trials) == 4 and (trials["status"] == "finished").all() and (trials["steps"] == 60).all()
-    # The trial that ran on the lost node was retried from its last checkpoint, and says so.
+    assert len(trials) == 4 and (trials["status"] == "finished").all() and (trials["steps"] == 150).all()
+    # The trial that ran on the lost node had reported its checkpoint of step 20 or later; it was retried from its
+    # last checkpoint, and says so: after the failure no report came at or before that checkpoint's step (one
+    # restarted from step 0 would report step 10 again).
     assert trials["failures"].sum() >= 1
+    for trial_id in trials.loc[trials["failures"] > 0, "trial_id"]:
+        (trial_dir,) = (run / "tune").glob(f"*{trial_id}*")
+        steps = reported_steps(trial_dir)
+        assert min(resumed_from(trial_dir, 10), default=20) >= 10 and steps.count(10) == 1, steps
+        assert steps[-1] == 150
     # The trials finished before the node went are in the final table unchanged.
     before = seen["before"].set_index("trial_id")
     finished = before[before["status"] == "finished"]

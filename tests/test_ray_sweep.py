@@ -12,6 +12,7 @@ import psutil
 import pytest
 import torch
 from judge_servers import FakeJudgeServer, Reply, Request, chat
+from resume_checks import reported_steps, resumed_from
 
 from analysis import training_curves
 from bae_core.data.lm import load_model
@@ -359,6 +360,11 @@ def test_a_trial_killed_mid_training_resumes_its_training_log_without_repeating_
     trials = pd.read_parquet(run / TRIALS_TABLE).set_index("trial_id")
     assert len(results) == 2 and (trials["status"] == "finished").all() and (trials["steps"] == 300).all()
     assert trials["failures"].tolist() == [1, 0]  # the first trial was killed, and retried from a checkpoint
+    # ... from its checkpoint of step 100 or later: after the kill no report came at or before that step (one
+    # restarted from step 0 would report step 50 again).
+    (trial_dir,) = (run / "tune").glob(f"*{trials.index[0]}*")
+    steps = reported_steps(trial_dir)
+    assert steps.count(50) == 1 and min(resumed_from(trial_dir, 50), default=100) >= 50, steps
     curves = training_curves(trials.reset_index(), str(run))
     assert set(curves["trial_id"]) == set(trials.index)
     for trial_id, g in curves.groupby("trial_id"):
