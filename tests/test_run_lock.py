@@ -132,7 +132,6 @@ def wait_for(what: str, ready, proc: subprocess.Popen, timeout: float = 300) -> 
         time.sleep(0.05)
 
 
-@pytest.mark.timeout(900)
 def test_two_sweeps_into_one_folder_the_second_is_refused_and_a_killed_ones_lock_is_taken_over(tmp_path, make_spec):
     run = tmp_path / "run"
     spec = tmp_path / "spec.yaml"
