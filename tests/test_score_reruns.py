@@ -73,15 +73,33 @@ def judge_args(base_url: str, model: str) -> list[str]:
     return ["--judge", "llm", "--llm-base-url", base_url, "--llm-model", model, "--llm-latents", "2"]
 
 
-def test_an_unreachable_judge_fails_the_command_and_stores_nothing(run, capsys):
+def test_an_unreachable_judge_is_named_before_any_scoring(run, capsys):
     port = free_port()  # nothing listens there
+    files = mtimes(run / "scores")
     capsys.readouterr()
-    rc = score(run, *judge_args(f"http://judge-user:s3cret@127.0.0.1:{port}/v1", "m1"), "--llm-retries", "0")
+    rc = score(run, *judge_args(f"http://judge-user:s3cret@127.0.0.1:{port}/v1", "m1"))
+    err = capsys.readouterr().err
+    assert rc == 2, err[-3000:]
+    assert err.strip().splitlines() == [
+        f"bae score: error: --llm-base-url: cannot reach the judge at http://127.0.0.1:{port}/v1 (Connection "
+        "refused); check the server and the URL (or BAE_JUDGE_BASE_URL)"
+    ]
+    assert mtimes(run / "scores") == files and not list((run / "llm").glob("*.parquet"))
+
+
+def test_a_judge_that_answers_nothing_fails_the_command_and_stores_nothing(run, capsys):
+    def broken(request: Request) -> Reply:
+        return Reply(status=500, body={"error": {"message": "the model is not loaded"}})
+
+    with FakeJudgeServer(broken) as server:
+        url = server.base_url.replace("http://", "http://judge-user:s3cret@")
+        capsys.readouterr()
+        rc = score(run, *judge_args(url, "m1"), "--llm-retries", "0")
     err = capsys.readouterr().err
     assert rc == 1, err[-3000:]
     (line,) = [line for line in err.splitlines() if line.startswith("bae score: error: ")]
-    assert f"the LLM judge at http://127.0.0.1:{port}/v1 (model m1) could not be reached: none of " in line
-    assert "connection error" in line and "s3cret" not in err and "judge-user" not in err
+    assert f"the LLM judge at {server.base_url} (model m1) could not be reached: none of " in line
+    assert "s3cret" not in err and "judge-user" not in err
     assert not list((run / "llm").glob("*.parquet"))  # no result, so a rerun asks again
 
 

@@ -59,3 +59,21 @@ def scored_run(run: str) -> None:
         raise InputError(f"run: {run!r} is a file; give a run folder written by `bae sweep`")
     if fs.get_file_info(f"{base}/{TRIALS_TABLE}").type.name == "NotFound":
         raise InputError(f"run: {run!r} has no {TRIALS_TABLE}; run `bae sweep` into this folder first")
+
+
+def judge_server(base_url: str, timeout: float = 5.0) -> None:
+    """Something listens at the LLM judge's server (one TCP connection): a wrong --llm-base-url is named before
+    any scoring rather than after the lexical scores."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(base_url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    shown = f"{parts.scheme}://{parts.hostname}:{port}{parts.path}"  # never the user:password part
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError as err:
+        raise InputError(
+            f"--llm-base-url: cannot reach the judge at {shown} ({err.strerror or err}); check the server and the "
+            "URL (or BAE_JUDGE_BASE_URL)"
+        ) from None

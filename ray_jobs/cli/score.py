@@ -131,7 +131,7 @@ def _judge_config(args: argparse.Namespace, run: str):
 
 
 def run_score_cmd(args: argparse.Namespace) -> int:
-    from ray_jobs.cli.checks import scored_run
+    from ray_jobs.cli.checks import judge_server, scored_run
     from ray_jobs.runtime import connect, storage_path
     from ray_jobs.score_job import run_score
     from ray_jobs.score_plan import CODERS_TABLE, LATENTS_TABLE, ScoreOptions, plan, read_table
@@ -151,6 +151,8 @@ def run_score_cmd(args: argparse.Namespace) -> int:
         llm=_judge_config(args, run) if args.judge == "llm" else None,
         llm_latents=args.llm_latents if args.judge == "llm" else None,
     )
+    if options.llm is not None:
+        judge_server(options.llm.base_url)
     connect(args.address)
     start = time.perf_counter()
     print(f"scoring {len(tasks)} dictionaries of {run}", file=sys.stderr, flush=True)
