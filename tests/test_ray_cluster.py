@@ -1,10 +1,13 @@
 """Several Ray nodes on one machine (`ray.cluster_utils.Cluster`, real raylets): the cache is written by actors
 on more than one node, and a node that dies in the middle of a sweep costs no finished trial."""
 
+import contextlib
+import json
 import threading
 import time
 
 import pandas as pd
+import psutil
 import pytest
 import ray
 from ray.cluster_utils import Cluster
@@ -15,6 +18,11 @@ from ray_jobs.cache_job import run_cache
 from ray_jobs.spec import parse_spec
 from ray_jobs.sweep_job import run_sweep
 from ray_jobs.trials import TRIALS_TABLE
+
+
+def complete_lines(result_json) -> list[str]:
+    """The reports Tune has written to a trial's result.json, without a line it is still writing."""
+    return [line for line in result_json.read_text().splitlines(keepends=True) if line.endswith("\n")]
 
 
 @pytest.fixture(scope="module")
@@ -63,25 +71,31 @@ def test_a_node_lost_mid_sweep_costs_no_finished_trial(cluster, cache_root, tmp_
     )
     seen: dict[str, pd.DataFrame] = {}
 
-    def remove_a_node_once_a_trial_finished_and_both_running_ones_checkpointed():
+    raylet = workers[1].all_processes["raylet"][0].process.pid
+
+    def on_the_node(pid: int) -> bool:
+        with contextlib.suppress(psutil.Error):
+            return raylet in {p.pid for p in psutil.Process(pid).parents()}
+        return False
+
+    def remove_the_node_once_a_trial_finished_and_its_trial_checkpointed():
+        # Early in its trial (its checkpoint of step 20 or later reported, 50 or more steps to go), so that the
+        # trial is still running when the node goes.
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             try:
                 table = pd.read_parquet(run / TRIALS_TABLE)
             except (OSError, ValueError):
                 table = None
-            running = [steps for p in (run / "tune").glob("*/result.json") if (steps := reported_steps(p.parent))]
-            running = [steps for steps in running if steps[-1] < 150]
-            checkpointed = len(running) == 2 and all(steps[-1] >= 20 for steps in running)
-            if table is not None and (table["status"] == "finished").any() and checkpointed:
+            last = [json.loads(lines[-1]) for p in (run / "tune").glob("*/result.json") if (lines := complete_lines(p))]
+            caught = any(20 <= r["steps"] <= 100 and on_the_node(r["pid"]) for r in last)
+            if table is not None and (table["status"] == "finished").any() and caught:
                 seen["before"] = table
                 c.remove_node(workers[1])
                 return
-            time.sleep(0.05)
+            time.sleep(0.02)
 
-    killer = threading.Thread(
-        target=remove_a_node_once_a_trial_finished_and_both_running_ones_checkpointed, daemon=True
-    )
+    killer = threading.Thread(target=remove_the_node_once_a_trial_finished_and_its_trial_checkpointed, daemon=True)
     killer.start()
     results = run_sweep(spec, quiet=True)
     killer.join(timeout=5)
@@ -93,7 +107,8 @@ def test_a_node_lost_mid_sweep_costs_no_finished_trial(cluster, cache_root, tmp_
     assert len(trials) == 4 and (trials["status"] == "finished").all() and (trials["steps"] == 150).all()
     # The trial that ran on the lost node had reported its checkpoint of step 20 or later; it was retried from its
     # last checkpoint, and says so: after the failure no report came at or before that checkpoint's step (one
-    # restarted from step 0 would report step 10 again).
+    # restarted from step 0 would report step 10 again). A trial that started there later, before its first
+    # report, rightly starts from step 0.
     assert trials["failures"].sum() >= 1
     for trial_id in trials.loc[trials["failures"] > 0, "trial_id"]:
         (trial_dir,) = (run / "tune").glob(f"*{trial_id}*")
