@@ -50,14 +50,15 @@ def exit_code(err: BaseException) -> int:
 
 
 def one_line(err: BaseException) -> str:
-    """The error's message on one line. For a failure of the run (exit 1), the exception's type follows: the
-    message alone may come from deep inside a library."""
+    """The error's message on one line. For a failure of the run (exit 1) raised by a library, the exception's
+    type follows: its message alone may not say what failed."""
     text = " ".join(str(err).split())
     if isinstance(err, OSError) and err.strerror and err.filename:
         text = f"{err.filename}: {err.strerror}"
     if not text:
         return type(err).__name__
-    if exit_code(err) == EXIT_BAD_INPUT or isinstance(err, RunFailed):
+    own = type(err).__module__.split(".")[0] in ("bae_core", "ray_jobs", "analysis")  # messages written as sentences
+    if exit_code(err) == EXIT_BAD_INPUT or own:
         return text
     return f"{text} ({type(err).__name__})"
 
