@@ -13,9 +13,10 @@ The rule, applied to each trial's training log (`analysis.run.training_curves`: 
    the window's first step, with a 95% interval from the interval of the Theil-Sen slope.
 4. Verdict: "levelled off" when the relative drop is below `threshold` (default 2%, i.e. FVU fell by less than
    2% of its value over the last fifth of training) and above -threshold; "still falling" when it is at least
-   `threshold`; "rising" when FVU grew by at least `threshold`. A trial without a training log is "no training
-   log". The verdict follows the line's estimate; the interval beside it says how sure that is (at batch 1024,
-   10-step means of train FVU still scatter by several percent, so a short window can leave it wide).
+   `threshold` and its interval lies above zero; "rising" when FVU grew by at least `threshold` and the interval
+   lies below zero; "too noisy to tell" when the line moves by more than the threshold but its interval covers
+   zero (at batch 1024, 10-step means of train FVU still scatter by several percent, so a short window can leave
+   it wide). A trial without a training log is "no training log".
 
 A coder that is "still falling" has not reached the FVU its size and k allow: a longer run would lower it, so
 comparisons between such coders compare training budgets as much as architectures.
@@ -41,6 +42,7 @@ MIN_ROWS = 5
 LEVELLED = "levelled off"
 FALLING = "still falling"
 RISING = "rising"
+UNCLEAR = "too noisy to tell"
 TOO_FEW = "too few logged steps"
 NO_LOG = "no training log"
 
@@ -64,8 +66,9 @@ def describe_rule(window: float = WINDOW, threshold: float = THRESHOLD) -> str:
     """The rule in one sentence, for a report's caption."""
     return (
         f"A coder's FVU has levelled off when a Theil-Sen line fitted to its train FVU over the last {window:.0%} of "
-        f"training falls by less than {threshold:.0%} of its value across that window; at {threshold:.0%} or more it "
-        "is still falling."
+        f"training moves by less than {threshold:.0%} of its value across that window; it is still falling (or rising) "
+        f"when it falls (or rises) by {threshold:.0%} or more and the 95% interval of that change excludes zero, and "
+        "too noisy to tell when the interval covers zero."
     )
 
 
@@ -87,7 +90,8 @@ def convergence_table(
     fvu_end             the line at the last logged step
     relative_drop       (fvu_window_start - fvu_end) / fvu_window_start; negative when FVU rose
     relative_drop_low, relative_drop_high   its 95% interval (from the slope's)
-    verdict             levelled off / still falling / rising / too few logged steps / no training log
+    verdict             levelled off / still falling / rising / too noisy to tell / too few logged steps /
+                        no training log
     levelled_off        verdict == "levelled off"
 
     `curves` is `training_curves(trials)` (`trial_id`, `step`, `fvu`). The rule is in the module docstring.
@@ -129,20 +133,23 @@ def _judge(g: pd.DataFrame | None, window: float, threshold: float, min_rows: in
     end = intercept + slope * last
     span = last - start
     drop = (first - end) / first
-    if drop >= threshold:
+    drop_low, drop_high = -high * span / first, -low * span / first
+    if abs(drop) < threshold:
+        verdict = LEVELLED
+    elif drop >= threshold and drop_low > 0:
         verdict = FALLING
-    elif drop <= -threshold:
+    elif drop <= -threshold and drop_high < 0:
         verdict = RISING
     else:
-        verdict = LEVELLED
+        verdict = UNCLEAR  # the line moves by more than the threshold, but batch noise could explain it
     return {
         **out,
         "fvu_window_start": float(first),
         "fvu_end": float(end),
         "relative_drop": float(drop),
         # A steeper fall (the more negative slope) is the larger drop.
-        "relative_drop_low": float(-high * span / first),
-        "relative_drop_high": float(-low * span / first),
+        "relative_drop_low": float(drop_low),
+        "relative_drop_high": float(drop_high),
         "verdict": verdict,
         "levelled_off": verdict == LEVELLED,
     }
@@ -151,7 +158,7 @@ def _judge(g: pd.DataFrame | None, window: float, threshold: float, min_rows: in
 def convergence_summary(table: pd.DataFrame, threshold: float = THRESHOLD) -> str:
     """One or two sentences for the report: how many coders levelled off, and the range of the drops of those
     still falling."""
-    judged = table[table["verdict"].isin([LEVELLED, FALLING, RISING])]
+    judged = table[table["verdict"].isin([LEVELLED, FALLING, RISING, UNCLEAR])]
     unjudged = len(table) - len(judged)
     if judged.empty:
         return (
@@ -170,6 +177,11 @@ def convergence_summary(table: pd.DataFrame, threshold: float = THRESHOLD) -> st
         )
     if counts.get(RISING, 0):
         parts.append(f"{counts[RISING]} rose over the window (train FVU up by {threshold:.0%} or more)")
+    if counts.get(UNCLEAR, 0):
+        parts.append(
+            f"for {counts[UNCLEAR]} the batch-to-batch noise is larger than the trend (the interval of the change "
+            "covers zero): too noisy to tell"
+        )
     text = "; ".join(parts) + "."
     if unjudged:
         text += f" {unjudged} not judged (too few logged steps, or no training log)."

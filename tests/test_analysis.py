@@ -14,6 +14,7 @@ from analysis.convergence import (
     NO_LOG,
     RISING,
     TOO_FEW,
+    UNCLEAR,
     convergence_summary,
     convergence_table,
 )
@@ -88,14 +89,17 @@ def test_convergence_verdicts_on_hand_made_curves():
             curve("line", 1 - 0.001 * STEPS),
             curve("spiky", spiky),
             curve("rising", 0.2 + 0.0005 * STEPS),
+            # 15% batch noise on a flat curve: the fitted line can move by more than 2% across the window, but
+            # its interval covers zero.
+            curve("noisy", 0.2 * (1 + 0.15 * np.random.default_rng(3).standard_normal(len(STEPS)))),
             # Logged only at its checkpoints: 1 row in the last fifth.
             curve("sparse", [0.5, 0.4, 0.3], steps=[100, 200, 300]),
         ]
     )
     trials = pd.DataFrame(
         {
-            "trial_id": ["flat", "steep", "line", "spiky", "rising", "sparse", "unlogged"],
-            "activation": ["topk", "binary_topk", "topk", "topk", "topk", "topk", "topk"],
+            "trial_id": ["flat", "steep", "line", "spiky", "rising", "noisy", "sparse", "unlogged"],
+            "activation": ["topk", "binary_topk", "topk", "topk", "topk", "topk", "topk", "topk"],
             "kind": "sae",
             "k": 16,
         }
@@ -109,10 +113,13 @@ def test_convergence_verdicts_on_hand_made_curves():
         "line": FALLING,
         "spiky": LEVELLED,
         "rising": RISING,
+        "noisy": UNCLEAR,
         "sparse": TOO_FEW,
         "unlogged": NO_LOG,
     }
-    assert table["levelled_off"].tolist() == [True, False, False, True, False, False, False]
+    assert table["levelled_off"].tolist() == [True, False, False, True, False, False, False, False]
+    noisy = table.set_index("trial_id").loc["noisy"]
+    assert abs(noisy["relative_drop"]) >= 0.02 and noisy["relative_drop_low"] < 0 < noisy["relative_drop_high"]
     row = table.set_index("trial_id").loc["line"]
     # The window is steps 240..300 (7 rows); the line falls from 0.76 to 0.70 across it.
     assert (row["window_start"], row["window_rows"], row["steps"]) == (240, 7, 300)
@@ -125,7 +132,8 @@ def test_convergence_verdicts_on_hand_made_curves():
     # The threshold decides: at 20%, even the power law counts as levelled off.
     assert convergence_table(curves, trials, threshold=0.2).set_index("trial_id").loc["steep", "verdict"] == LEVELLED
     summary = convergence_summary(table)
-    assert summary.startswith("2 of 5 coders had levelled off") and "2 were still falling" in summary
+    assert summary.startswith("2 of 6 coders had levelled off") and "2 were still falling" in summary
+    assert "for 1 the batch-to-batch noise is larger than the trend" in summary
     assert "1 rose over the window" in summary and "2 not judged" in summary
     with pytest.raises(ValueError, match="window"):
         convergence_table(curves, trials, window=0)
