@@ -252,9 +252,11 @@ def _render(run_dir, tables, frontier, claims, figures, convergence) -> str:
         "With several seeds its 95% interval is a t-interval from the between-seed variance (pooled over "
         "settings); with one seed per setting it comes from resampling each coder's latents and speaks only for "
         "these coders, not for the architectures, and FVU and spliced CE, one number per coder, have none. A "
-        "claim agrees or disagrees only when the interval excludes zero, and never on underpowered coders or, for "
-        "frequency-weighted scores, when the eligible latents hold less than half of a coder's firing; otherwise it "
-        f"is inconclusive at this run's size. This run: {_scale(trials)}.",
+        "claim agrees or disagrees only when the interval excludes zero; its score-based parts never on "
+        "underpowered coders or, for frequency-weighted scores, when the eligible latents hold less than half of a "
+        "coder's firing (density and reconstruction parts do not rest on test windows); and claim 3's density part "
+        "only when the shares above 1% and above 10% point the same way. Otherwise it is inconclusive at this run's "
+        f"size. This run: {_scale(trials)}.",
         "",
         _markdown(claims[["claim", "verdict", "measured", "paper"]]),
         "",
@@ -301,8 +303,9 @@ def _render(run_dir, tables, frontier, claims, figures, convergence) -> str:
         "firing rates": "Firing rates: how often each latent fires on held-out tokens. Latents right of the 1% "
         "line are the ultra-high-frequency ones the paper discusses.",
         "firing rate vs score": "Firing rate against score, latent by latent.",
-        "ablation by score": "Ablation by score: latents sorted by score and cut into bins of equal firing mass; "
-        "each bin zero-ablated inside the spliced coder.",
+        "ablation by score": "Ablation by score: scored (eligible) latents sorted by score and cut into bins of "
+        "equal firing mass, each bin zero-ablated inside the spliced coder; the bins cover only the eligible "
+        "latents' share of the firing, and each CE comes from the fidelity tokens alone, without an interval.",
         "training": "Training: train FVU and dead fraction along training (each point the mean since the one "
         "before), and on held-out tokens at the end (crosses).",
     }

@@ -13,15 +13,18 @@ from bae_core.evaluation.aggregate import MIN_TEST_WINDOWS, across_seeds, bootst
 COLUMNS = ["coder_id", "trial_id", "activation", "kind", "hookpoint", "k", "num_latents", "seed"]
 
 
-def latent_rows(coder_id, n, auroc, spread, *, frequent=0.05, frequent_auroc=None, seed=0, windows=50):
+def latent_rows(
+    coder_id, n, auroc, spread, *, frequent=0.05, frequent_auroc=None, seed=0, windows=50, frequent_rate=0.15
+):
     """`n` eligible latents of one coder with token AUROCs ~ N(auroc, spread); a share `frequent` of them fire on
-    5% of tokens (scoring `frequent_auroc` when given), the others on 0.1%."""
+    `frequent_rate` of tokens (above both cuts, 1% and 10%; scoring `frequent_auroc` when given), the others on
+    0.1%."""
     rng = np.random.default_rng(seed)
     is_frequent = np.arange(n) < round(frequent * n)
     scores = np.clip(rng.normal(auroc, spread, n), 0, 1)
     if frequent_auroc is not None:
         scores[is_frequent] = np.clip(rng.normal(frequent_auroc, spread, is_frequent.sum()), 0, 1)
-    rate = np.where(is_frequent, 0.05, 0.001)
+    rate = np.where(is_frequent, frequent_rate, 0.001)
     return pd.DataFrame(
         {
             "coder_id": coder_id,
@@ -37,7 +40,7 @@ def latent_rows(coder_id, n, auroc, spread, *, frequent=0.05, frequent_auroc=Non
     )
 
 
-def make_run(settings, *, n=400, spread=0.1, seeds=(0,)):
+def make_run(settings, *, n=400, spread=0.1, seeds=(0,), rates=None):
     """Coders and latents: `settings` maps (activation, kind, k) to (fvu, ce_increase, auroc, frequent share,
     auroc of the frequent latents or None); each setting is trained with every seed (FVU jittered by seed)."""
     coders, latents = [], []
@@ -45,7 +48,14 @@ def make_run(settings, *, n=400, spread=0.1, seeds=(0,)):
         for seed in seeds:
             coder_id = f"{activation}-{kind}-{k}-s{seed}"
             rows = latent_rows(
-                coder_id, n, auroc, spread, frequent=frequent, frequent_auroc=frequent_auroc, seed=hash(coder_id) % 97
+                coder_id,
+                n,
+                auroc,
+                spread,
+                frequent=frequent,
+                frequent_auroc=frequent_auroc,
+                seed=hash(coder_id) % 97,
+                **({"frequent_rate": rates[(activation, kind, k)]} if rates else {}),
             )
             latents.append(rows)
             weighted = float((rows["token_auroc"] * rows["firing_count"]).sum() / rows["firing_count"].sum())
@@ -58,6 +68,7 @@ def make_run(settings, *, n=400, spread=0.1, seeds=(0,)):
                     "token_auroc": float(rows["token_auroc"].mean()),
                     "token_auroc_weighted": weighted,
                     "frequent_fraction": float((rows["firing_rate"] > 0.01).mean()),
+                    "dense_fraction": float((rows["firing_rate"] > 0.10).mean()),
                     "l0_heldout": (0.85 if activation.startswith("binary") else 1.0) * k,
                 }
             )
@@ -207,3 +218,26 @@ def test_underpowered_coders_and_untested_firing_make_a_claim_inconclusive():
         table.loc[3, "verdict"] == INCONCLUSIVE and "as little as 30% of a coder's firing" in table.loc[3, "measured"]
     )
     assert table.loc[0, "verdict"] == AGREES  # the unweighted mean does not claim to cover the firing
+
+
+def test_ultra_high_frequency_must_hold_at_both_cuts():
+    # Continuous coders: many latents just above 1% (5%); binary ones: fewer above 1%, but those above 10%.
+    # The share above 1% says binary has fewer, the share above 10% says more: the verdict depends on the cut.
+    settings = {
+        ("binary_topk", "sae", 16): (0.40, 0.10, 0.80, 0.05, 0.55),
+        ("topk", "sae", 16): (0.15, 0.04, 0.72, 0.20, None),
+        ("binary_topk", "skip_transcoder", 16): (0.30, 0.08, 0.84, 0.05, 0.55),
+        ("topk", "skip_transcoder", 16): (0.10, 0.02, 0.76, 0.20, None),
+    }
+    rates = {setting: 0.15 if setting[0].startswith("binary") else 0.05 for setting in settings}
+    coders, latents = make_run(settings, seeds=(0, 1, 2), rates=rates)
+    row = claims_table(coders, latents).set_index(claims_table(coders, latents)["claim"].str[:1]).loc["3"]
+    assert row["verdict"] == INCONCLUSIVE
+    assert "share of latents > 1%, binary - continuous: -0.150" in row["measured"]
+    assert "share of latents > 10%, binary - continuous: +0.050" in row["measured"]
+    assert "the two cuts point different ways" in row["measured"]
+    # Where both cuts agree, they decide: the paper-like run agrees (test above), and with binary coders that
+    # have fewer latents above both cuts the claim disagrees.
+    fewer = {s: (v[0], v[1], v[2], 0.02 if s[0].startswith("binary") else 0.20, v[4]) for s, v in settings.items()}
+    coders, latents = make_run(fewer, seeds=(0, 1, 2))
+    assert verdicts(claims_table(coders, latents))[3] == DISAGREES

@@ -217,6 +217,7 @@ def bootstrap_replicates(
     - "weighted": the frequency-weighted mean (per hookpoint, weighted by firing count; then the mean over
       hookpoints);
     - "frequent_fraction": the fraction of all latents that fire on more than 1% of tokens;
+    - "dense_fraction": the fraction of all latents that fire on more than 10% of tokens;
     - "frequent_gap": mean `score` of eligible latents firing on > 1% minus that of the other eligible latents.
 
     NaN replicates where a replicate has nothing to average (e.g. no frequent latent drawn)."""
@@ -229,8 +230,9 @@ def bootstrap_replicates(
             return np.full(samples, math.nan)
         with np.errstate(all="ignore"):  # a hookpoint without eligible latents drops out, as in score_summary
             return np.nanmean(per_hook, axis=0) if np.isfinite(per_hook).any() else np.full(samples, math.nan)
-    if statistic == "frequent_fraction":
-        sums = [_replicates(g, "frequent_count", score, samples, rng) for g in groups]
+    if statistic in ("frequent_fraction", "dense_fraction"):
+        count = "frequent_count" if statistic == "frequent_fraction" else "dense_count"
+        sums = [_replicates(g, count, score, samples, rng) for g in groups]
         return np.sum(sums, axis=0) / len(latents)
     if statistic in ("mean", "frequent_gap"):
         parts = [_replicates(g[g["eligible"].astype(bool)], statistic, score, samples, rng) for g in groups]
@@ -241,7 +243,9 @@ def bootstrap_replicates(
         num_rest = np.sum([p[2] for p in parts], axis=0)
         den_rest = np.sum([p[3] for p in parts], axis=0)
         return _ratio(num, den) - _ratio(num_rest, den_rest)
-    raise ValueError(f"statistic: choose mean, weighted, frequent_fraction or frequent_gap, got {statistic!r}")
+    raise ValueError(
+        f"statistic: choose mean, weighted, frequent_fraction, dense_fraction or frequent_gap, got {statistic!r}"
+    )
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -264,6 +268,8 @@ def _replicates(g: pd.DataFrame, statistic: str, score: str, samples: int, rng, 
             out.append(_ratio((s[draws] * ws).sum(1), ws.sum(1)))
         elif statistic == "frequent_count":
             out.append(frequent[draws].sum(1).astype(float))
+        elif statistic == "dense_count":
+            out.append((g["firing_rate"].to_numpy(dtype=float) > DENSE_RATE)[draws].sum(1).astype(float))
         elif statistic == "mean":
             out.append(np.stack([s[draws].sum(1), np.full(b, float(n))]))
         else:  # frequent_gap
