@@ -1,8 +1,16 @@
 """Shared test helpers: a local Ray per test module, and a small sweep spec on the embedded model that trains
 in seconds."""
 
+import os
+
 import pytest
 import ray
+
+# One auth mode for the whole session, in this process and every process it starts: Ray reads RAY_AUTH_MODE when
+# it starts a cluster and when it connects, and once a token file exists (~/.ray/auth_token, written by the first
+# cluster) a process that starts a cluster without the variable and one that connects with it disagree, and every
+# actor then dies at its first call with "InvalidAuthToken".
+os.environ["RAY_AUTH_MODE"] = "disabled"
 
 
 @pytest.fixture(scope="module")
