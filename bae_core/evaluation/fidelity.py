@@ -154,19 +154,21 @@ def spliced_fidelity(
     for name, coder in coders.items():
         variants[name] = lambda coder=coder: splice(loaded, hookpoint, coder)
     stats = next_token_stats(loaded, token_ids, variants, batch_size=batch_size, progress=progress)
-    clean, zero = stats[CLEAN], stats[ZERO_ABLATED]
-    return {
-        name: Fidelity(
-            tokens=clean.tokens,
-            ce_clean=clean.ce,
-            ce_spliced=stats[name].ce,
-            ce_zero_ablated=zero.ce,
-            top1_clean=clean.top1,
-            top1_spliced=stats[name].top1,
-            kl=stats[name].kl,
-        )
-        for name in coders
-    }
+    return {name: _fidelity(stats, name) for name in coders}
+
+
+def _fidelity(stats: Mapping[str, TokenStats], name: str) -> Fidelity:
+    """The Fidelity of variant `name` from statistics that include the clean and the zero-ablated model."""
+    clean = stats[CLEAN]
+    return Fidelity(
+        tokens=clean.tokens,
+        ce_clean=clean.ce,
+        ce_spliced=stats[name].ce,
+        ce_zero_ablated=stats[ZERO_ABLATED].ce,
+        top1_clean=clean.top1,
+        top1_spliced=stats[name].top1,
+        kl=stats[name].kl,
+    )
 
 
 # ---- ablation by interpretability (§5) ---------------------------------------------------------------------------
@@ -252,18 +254,7 @@ def fidelity_and_ablation(
         mask = torch.from_numpy(assignment == b)
         variants[f"bin{b}"] = lambda mask=mask: splice(loaded, hookpoint, coder, ablate=mask)
     stats = next_token_stats(loaded, token_ids, variants, batch_size=batch_size)
-    fidelity = None
-    if zero:
-        clean, spliced_stats = stats[CLEAN], stats["spliced"]
-        fidelity = Fidelity(
-            tokens=clean.tokens,
-            ce_clean=clean.ce,
-            ce_spliced=spliced_stats.ce,
-            ce_zero_ablated=stats[ZERO_ABLATED].ce,
-            top1_clean=clean.top1,
-            top1_spliced=spliced_stats.top1,
-            kl=spliced_stats.kl,
-        )
+    fidelity = _fidelity(stats, "spliced") if zero else None
     spliced = stats["spliced"].ce
     rows = []
     for b in present:
