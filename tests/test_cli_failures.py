@@ -202,3 +202,20 @@ def test_ctrl_c_exits_130_with_the_resume_command_and_the_console_is_clean(tmp_p
     ):
         assert noise not in console, f"{noise!r} in the console:\n{console[-3000:]}"
     assert "\r" not in console  # not a terminal: whole lines only
+
+
+def test_errors_raised_inside_ray_are_shown_as_raised():
+    from ray.data.exceptions import UserCodeException
+
+    from ray_jobs.cli.errors import EXIT_BAD_INPUT, exit_code, one_line, remote_cause
+
+    try:
+        try:
+            raise ValueError("dataset: row 3 has no text")
+        except ValueError as inner:
+            raise UserCodeException("UDF failed to process a data block.") from inner
+    except UserCodeException as wrapped:
+        err = remote_cause(wrapped)
+    assert one_line(err) == "dataset: row 3 has no text" and exit_code(err) == EXIT_BAD_INPUT
+    plain = RuntimeError("disk full")
+    assert remote_cause(plain) is plain and one_line(plain) == "disk full (RuntimeError)"

@@ -13,7 +13,6 @@ traceback.
 from __future__ import annotations
 
 import shlex
-import sys
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -64,13 +63,16 @@ def one_line(err: BaseException) -> str:
 
 
 def remote_cause(err: BaseException) -> BaseException:
-    """The exception a Ray task or actor raised, rather than Ray's wrapper of it (whose message holds the remote
-    traceback)."""
-    ray = sys.modules.get("ray")
-    if ray is not None and isinstance(err, ray.exceptions.RayTaskError):
+    """The exception a Ray task, actor or Ray Data function raised, rather than Ray's wrappers of it (whose
+    messages hold the remote traceback, or only "UDF failed to process a data block")."""
+    for _ in range(8):  # a wrapper of a wrapper at most a few deep
+        if not type(err).__module__.startswith("ray."):
+            break
         cause = getattr(err, "cause", None)
-        if isinstance(cause, BaseException):
-            return cause
+        cause = cause if isinstance(cause, BaseException) else err.__cause__
+        if cause is None:
+            break
+        err = cause
     return err
 
 
