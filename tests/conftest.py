@@ -2,7 +2,9 @@
 in seconds."""
 
 import os
+from pathlib import Path
 
+import pandas as pd
 import pytest
 import ray
 
@@ -51,3 +53,14 @@ def sweep_spec(output, cache_root=None, **sections) -> dict:
 @pytest.fixture
 def make_spec():
     return sweep_spec
+
+
+def a_trial_finished(run: Path) -> bool:
+    """Whether the sweep writing into `run` has a finished trial in its trials table yet (a table being
+    rewritten, or not there yet, counts as no)."""
+    from ray_jobs.trials import TRIALS_TABLE
+
+    try:
+        return bool((pd.read_parquet(run / TRIALS_TABLE)["status"] == "finished").any())
+    except (OSError, ValueError):
+        return False

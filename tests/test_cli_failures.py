@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import a_trial_finished
 
 import bae_core.data.lm
 from ray_jobs.cli import build_parser, main
@@ -165,16 +166,10 @@ def test_ctrl_c_exits_130_with_the_resume_command_and_the_console_is_clean(tmp_p
         yaml.safe_dump(make_spec(run, search={"algorithm": "grid", "max_concurrent": 1}, training={"steps": 60}))
     )
 
-    def a_trial_finished() -> bool:
-        try:
-            return (pd.read_parquet(run / TRIALS_TABLE)["status"] == "finished").any()
-        except (OSError, ValueError):
-            return False
-
     cmd = ["bae", "sweep", str(spec)]
     first = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while not a_trial_finished():
+    while not a_trial_finished(run):
         assert first.poll() is None, first.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "no trial finished within 300 s"
         time.sleep(0.05)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import a_trial_finished
 
 from bae_core.data.cache import load_manifest, verify_cache
 from ray_jobs.cli import main
@@ -76,17 +77,11 @@ def test_sweep_whose_driver_is_killed_resumes_without_retraining_finished_trials
         yaml.safe_dump(make_spec(run, search={"algorithm": "grid", "max_concurrent": 1}, training={"steps": 60}))
     )
 
-    def a_trial_finished() -> bool:
-        try:
-            return (pd.read_parquet(run / TRIALS_TABLE)["status"] == "finished").any()
-        except (OSError, ValueError):
-            return False
-
     cmd = ["bae", "sweep", str(spec)]
     first = subprocess.Popen(
         cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
-    kill_when(first, a_trial_finished, "finished trial")
+    kill_when(first, lambda: a_trial_finished(run), "finished trial")
     before = pd.read_parquet(run / TRIALS_TABLE)
     done_before = before[before["status"] == "finished"]
     assert 1 <= len(done_before) < 4
