@@ -2,11 +2,17 @@
 in seconds."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import ray
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
 
 # One auth mode for the whole session, in this process and every process it starts: Ray reads RAY_AUTH_MODE when
 # it starts a cluster and when it connects, and once a token file exists (~/.ray/auth_token, written by the first
@@ -64,3 +70,28 @@ def a_trial_finished(run: Path) -> bool:
         return bool((pd.read_parquet(run / TRIALS_TABLE)["status"] == "finished").any())
     except (OSError, ValueError):
         return False
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory):
+    """The README's main command at a small scale, run once per session: `bae study` (what `make quickstart` runs)
+    on the quickstart spec (same grid of 8 coders on layers.9.mlp of the embedded model) with a few thousand
+    tokens, in its own process. Returns (run folder, the finished `subprocess.CompletedProcess`).
+
+    Tests that read the run share it as it is; a test that writes into it works on a copy
+    (`shutil.copytree(run, tmp_path / "run")`)."""
+    tmp_path = tmp_path_factory.mktemp("quickstart")
+    spec = yaml.safe_load((REPO / "sweeps" / "quickstart.yaml").read_text())
+    spec["output"] = str(tmp_path / "run")
+    spec["cache"].update(seq_len=64, train_tokens=4096, heldout_tokens=2048)
+    spec["coder"]["expansion_factor"] = 1
+    spec["training"].update(steps=20, batch_size=256, checkpoint_every=10, eval_tokens=2048)
+    spec["scoring"].update(trial_latents=64, fidelity_tokens=128, ablation_bins=2, min_examples=3)
+    path = tmp_path / "quickstart-small.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_ADDRESS": "local"}
+    done = subprocess.run(
+        ["bae", "study", str(path)], env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return tmp_path / "run", done

@@ -1,39 +1,21 @@
 """The README's main command at a small scale: `bae study` (what `make quickstart` runs) on the quickstart spec
-with a few thousand tokens, in its own process, then the run read back with `analysis.load_run`."""
+with a few thousand tokens, in its own process (the session fixture `quickstart_run`), then the run read back with
+`analysis.load_run`."""
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from analysis import load_run, training_curves
 
 REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 
-def test_quickstart_study_writes_the_report_the_tables_and_the_plots(tmp_path):
-    spec = yaml.safe_load((REPO / "sweeps" / "quickstart.yaml").read_text())
-    # Same grid (binary_topk vs topk, SAE vs skip transcoder, two k) on the same middle layer, far fewer tokens.
-    spec["output"] = str(tmp_path / "run")
-    spec["cache"].update(seq_len=64, train_tokens=4096, heldout_tokens=2048)
-    spec["coder"]["expansion_factor"] = 1
-    spec["training"].update(steps=20, batch_size=256, checkpoint_every=10, eval_tokens=2048)
-    spec["scoring"].update(trial_latents=64, fidelity_tokens=128, ablation_bins=2, min_examples=3)
-    path = tmp_path / "quickstart-small.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_ADDRESS": "local"}
-    env["RAY_AUTH_MODE"] = "disabled"
-    done = subprocess.run(
-        ["bae", "study", str(path)], env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    run = tmp_path / "run"
+def test_quickstart_study_writes_the_report_the_tables_and_the_plots(quickstart_run):
+    run, done = quickstart_run
     report = run / "report" / "report.md"
     # Progress while it works, and where the results are at the end.
     assert "[1/3] sweep" in done.stderr and "[3/3] report" in done.stderr
