@@ -236,7 +236,7 @@ def summarize(latents, tasks: list[ScoreTask] | None = None):
             **score_basis(g),
         }
         scored = g[g["eligible"]]
-        for column in ("detection_balanced_accuracy", "fuzzing_balanced_accuracy"):
+        for column in ("detection_balanced_accuracy", "fuzzing_balanced_accuracy", "detection_auroc", "fuzzing_auroc"):
             if column in g.columns:
                 judged = g[g[column].notna()]
                 row[column] = float(judged[column].mean()) if len(judged) else math.nan

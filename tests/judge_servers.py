@@ -1,10 +1,12 @@
-"""OpenAI-compatible servers for the LLM judge's tests: a scripted fake on loopback that misbehaves on demand,
-and a launcher of llama-cpp-python's real server on the embedded GGUF model."""
+"""OpenAI-compatible servers for the LLM judge's tests: a scripted fake on loopback that misbehaves on demand
+(and answers with hand-made token logprobs), and a launcher of llama-cpp-python's real server on the embedded
+GGUF model."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import socket
 import subprocess
@@ -54,9 +56,12 @@ class Request:
 Behaviour = Callable[[Request], Reply]
 
 
-def chat(content: str) -> Reply:
-    """A well-formed chat-completions response whose answer is `content`."""
-    return Reply(body={"object": "chat.completion", "choices": [{"index": 0, "message": {"content": content}}]})
+def chat(content: str, logprobs: dict[str, Any] | None = None) -> Reply:
+    """A well-formed chat-completions response whose answer is `content`, with `logprobs` when given."""
+    choice: dict[str, Any] = {"index": 0, "message": {"content": content}}
+    if logprobs is not None:
+        choice["logprobs"] = logprobs
+    return Reply(body={"object": "chat.completion", "choices": [choice]})
 
 
 def marker_in(example: str) -> bool:
@@ -79,6 +84,80 @@ def perfect_judge(request: Request) -> Reply:
     if request.kind == "explain":
         return chat(f"The marked tokens are all the same word.\n[EXPLANATION]: the word {MARKER}")
     return chat(json.dumps(perfect_verdicts(request)))
+
+
+# ---- hand-made logprobs -----------------------------------------------------------------------------------------
+
+TOKENIZATIONS = ("separate", "spaced", "merged")
+"""How `verdict_logprobs` cuts "[1, 0]" into tokens: "[" "1" "," " " "0" "]"; "[" "1" "," " 0" "]"; "[1" ", 0" "]"."""
+
+
+def _entry(token: str, logprob: float, alternatives: list[tuple[str, float]]) -> dict[str, Any]:
+    top = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in alternatives]
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": top}
+
+
+def verdict_logprobs(p_ones: list[float], tokenization: str) -> tuple[str, dict[str, Any]]:
+    """An answer listing the verdicts p >= 0.5, and chat-form logprobs whose P(1) / (P(0) + P(1)) at each digit is
+    exactly its p: 90% of the mass on the two digits in the position's own form (a "spaced" 1 also split 70/30
+    between " 1" and "1"), the rest on "2" and "10", which are no verdicts; a comma's alternatives include a "1"
+    that is no verdict's position either."""
+    content: list[dict[str, Any]] = []
+    for i, p in enumerate(p_ones):
+        verdict = str(int(p >= 0.5))
+        prefix = {"separate": "", "spaced": " " if i else "", "merged": ", " if i else "["}[tokenization]
+        if i and tokenization == "separate":
+            content += [_entry(",", -0.01, [(",", -0.01), ("1", -6.0)]), _entry(" ", -0.01, [(" ", -0.01)])]
+        elif i and tokenization == "spaced":
+            content.append(_entry(",", -0.01, [(",", -0.01), ("1", -6.0)]))
+        elif not i and tokenization != "merged":
+            content.append(_entry("[", -0.01, [("[", -0.01), ("1", -5.0)]))
+        ones = [(f"{prefix}1", 0.9 * p)] if prefix != " " else [(" 1", 0.63 * p), ("1", 0.27 * p)]
+        alternatives = [*ones, (f"{prefix}0", 0.9 * (1 - p)), (f"{prefix}2", 0.05), (f"{prefix}10", 0.05)]
+        logprobs = [(token, math.log(mass)) for token, mass in alternatives if mass > 0]
+        chosen = f"{prefix}{verdict}"
+        content.append(_entry(chosen, dict(logprobs)[chosen], logprobs))
+    content.append(_entry("]", -0.01, [("]", -0.01)]))
+    return "".join(entry["token"] for entry in content), {"content": content, "refusal": None}
+
+
+def planted_p_one(example: str, truth: int) -> float:
+    """A P("1") for an example, fixed by its text (without highlights): 0.1 to 0.7, plus 0.2 when the truth is 1,
+    so that the classes overlap and neither AUROC nor answers are perfect."""
+    plain = example.replace("<<", "").replace(">>", "")
+    u = int(hashlib.sha256(plain.encode()).hexdigest()[:8], 16) / 2**32
+    return 0.1 + 0.6 * u + 0.2 * truth
+
+
+def planted_logprobs_judge(planted: list[tuple[str, str, int, float]]) -> Behaviour:
+    """Explains like `perfect_judge`; answers each scoring prompt with the verdicts of `planted_p_one` and, when the
+    request asks for logprobs, their logprobs (`verdict_logprobs`, the tokenization chosen by the prompt's text).
+    Appends (kind, example without highlights, truth, p) to `planted` for every example answered."""
+
+    def behaviour(request: Request) -> Reply:
+        if request.kind == "explain":
+            return perfect_judge(request)
+        truths = perfect_verdicts(request)
+        p_ones = [planted_p_one(example, truth) for example, truth in zip(request.examples, truths, strict=True)]
+        digest = int(hashlib.sha256("".join(request.examples).encode()).hexdigest()[:8], 16)
+        content, logprobs = verdict_logprobs(p_ones, TOKENIZATIONS[digest % len(TOKENIZATIONS)])
+        for example, truth, p in zip(request.examples, truths, p_ones, strict=True):
+            planted.append((request.kind, example.replace("<<", "").replace(">>", ""), truth, p))
+        return chat(content, logprobs if request.body.get("logprobs") else None)
+
+    return behaviour
+
+
+def rejecting_logprobs(status: int, message: str, behaviour: Behaviour, asked: list[bool]) -> Behaviour:
+    """`behaviour`, except that a request with logprobs gets HTTP `status` with the error `message`. Appends
+    whether each request asked for logprobs to `asked`."""
+
+    def reject(request: Request) -> Reply:
+        with_logprobs = "logprobs" in request.body or "top_logprobs" in request.body
+        asked.append(with_logprobs)
+        return Reply(status=status, body={"error": {"message": message}}) if with_logprobs else behaviour(request)
+
+    return reject
 
 
 class FakeJudgeServer:

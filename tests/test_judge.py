@@ -1,6 +1,6 @@
-"""The LLM judge (bae_core/evaluation/judge/): config validation, prompt rendering and answer parsing, metrics, and the
-whole protocol against a scripted, misbehaving OpenAI-compatible server on loopback and against llama.cpp's
-real server running the embedded SmolLM2 model."""
+"""The LLM judge (bae_core/evaluation/judge/): config validation, prompt rendering and answer parsing, metrics, P("1")
+from token logprobs and its AUROC, and the whole protocol against a scripted, misbehaving OpenAI-compatible
+server on loopback and against llama.cpp's real server running the embedded SmolLM2 model."""
 
 from __future__ import annotations
 
@@ -20,7 +20,10 @@ from judge_servers import (
     llama_cpp_server,
     perfect_judge,
     perfect_verdicts,
+    planted_logprobs_judge,
+    rejecting_logprobs,
 )
+from sklearn.metrics import roc_auc_score
 
 from bae_core.evaluation.judge import (
     PROMPT_VERSION,
@@ -29,11 +32,13 @@ from bae_core.evaluation.judge import (
     JudgeConfig,
     LatentExamples,
     binary_metrics,
+    compact_logprobs,
     judge_latents,
     parse_explanation,
     parse_verdicts,
     render_window,
     scoring_prompts,
+    verdict_probabilities,
 )
 
 WORDS = ["the", "dog", "sat", "on", "a", "mat", "and", "ran", "to", "big", "red", "house", "in", "old", "tree"]
@@ -114,6 +119,10 @@ def assert_all_nan(result: dict) -> None:
         ({"max_tokens": 0}, "max_tokens:"),
         ({"explain_examples": 0}, "explain_examples:"),
         ({"windows_per_prompt": 2.0}, "windows_per_prompt:"),
+        ({"logprobs": "yes"}, "logprobs: must be true or false"),
+        ({"top_logprobs": 0}, "top_logprobs:"),
+        ({"top_logprobs": 21}, "top_logprobs: must be at most 20"),
+        ({"constrain_answers": 1}, "constrain_answers: must be true or false"),
     ],
 )
 def test_config_errors_name_the_field(overrides, message):
@@ -244,6 +253,10 @@ def test_perfect_judge_scores_one(latents):
         for key in METRICS:
             assert result[key] == 1.0, key
         assert result["detection_windows"] == result["fuzzing_windows"] == TEST_WINDOWS
+        # Asked for, but this server gives no logprobs: AUROC of the answers, and said so.
+        for task in ("detection", "fuzzing"):
+            assert (result[f"{task}_auroc"], result[f"{task}_auroc_source"]) == (1.0, "answers")
+            assert result[f"{task}_logprob_windows"] == 0
         assert (result["llm_prompts"], result["llm_failed_prompts"], result["llm_failed_fraction"]) == (
             PROMPTS_PER_LATENT,
             0,
@@ -266,6 +279,7 @@ def test_an_always_yes_judge_gets_the_metrics_of_always_yes(latents):
         assert result[f"{task}_accuracy"] == 0.5
         assert result[f"{task}_balanced_accuracy"] == 0.5
         assert result[f"{task}_f1"] == pytest.approx(2 / 3)
+        assert (result[f"{task}_auroc"], result[f"{task}_auroc_source"]) == (0.5, "answers")
 
 
 MALFORMED = {
@@ -351,15 +365,18 @@ def test_persistent_server_errors_fail_after_max_retries(latents):
     assert server.requests == 2 * 3
 
 
-def test_http_400_is_not_retried(latents):
+@pytest.mark.parametrize("logprobs", [False, True])
+def test_http_400_is_not_retried(latents, logprobs):
     def bad_request(request: Request) -> Reply:
         if request.kind == "explain":
             return perfect_judge(request)
         return Reply(status=400, body={"error": {"message": "context length exceeded"}})
 
     with FakeJudgeServer(bad_request) as server:
-        results = judge_latents(config_for(server), latents)
-    assert server.requests == 2 * PROMPTS_PER_LATENT
+        results = judge_latents(config_for(server, logprobs=logprobs), latents)
+    # With logprobs, each failed scoring prompt is asked once more without them (the server might reject them),
+    # and still not retried.
+    assert server.requests == 2 * PROMPTS_PER_LATENT + (2 * SCORING_PROMPTS if logprobs else 0)
     for result in results.values():
         assert_all_nan(result)
         assert result["llm_failed_prompts"] == SCORING_PROMPTS
@@ -444,8 +461,14 @@ def test_cache_answers_a_rerun_without_requests(latents, tmp_path):
     assert second == first
     entries = sorted(cache.iterdir())
     assert len(entries) == sent and all(re.fullmatch(r"[0-9a-f]{64}\.json", p.name) for p in entries)
-    entry = json.loads(entries[0].read_text())
-    assert set(entry) == {"model", "prompt_version", "answer"} and entry["model"] == "fake-judge"
+    keys = sorted(tuple(sorted(json.loads(p.read_text()))) for p in entries)
+    # Explanations as before; scoring answers asked with logprobs keep them (null: this server gave none).
+    assert (
+        keys
+        == [("answer", "logprobs", "model", "prompt_version")] * SCORING_PROMPTS * 2
+        + [("answer", "model", "prompt_version")] * 2
+    )
+    assert all(json.loads(p.read_text())["model"] == "fake-judge" for p in entries)
 
 
 def test_failed_prompts_are_not_cached(latents, tmp_path):
@@ -470,6 +493,201 @@ def test_progress_callback_sees_every_prompt(latents):
         judge_latents(config_for(server), latents, progress=lambda done, total: seen.append((done, total)))
     assert [done for done, _ in seen] == list(range(1, 2 * PROMPTS_PER_LATENT + 1))
     assert seen[-1] == (2 * PROMPTS_PER_LATENT, 2 * PROMPTS_PER_LATENT)
+
+
+# ---- P("1") from token logprobs, and AUROC ------------------------------------------------------------------------
+
+
+def lp(p: float) -> float:
+    return math.log(p)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "verdicts", "expected"),
+    [
+        # One token per digit; "2" and "10" are no verdicts, a "1" at a comma is no verdict's position.
+        (
+            [["[", -0.1, []], ["1", lp(0.6), [["1", lp(0.6)], ["0", lp(0.2)], ["2", lp(0.1)], ["10", lp(0.1)]]]]
+            + [[",", -0.1, [["1", lp(0.5)]]], [" 0", lp(0.5), [[" 0", lp(0.5)], [" 1", lp(0.2)], ["1", lp(0.3)]]]]
+            + [["]", -0.1, []]],
+            [1, 0],
+            [0.75, 0.5],
+        ),
+        # The digit inside larger tokens, byte-level space marks, and a chosen token missing from its alternatives.
+        (
+            [["[1", lp(0.9), [["[0", lp(0.1)]]], [",\u01200", lp(0.4), [[",\u01201", lp(0.4)]]], ["]", 0.0, []]],
+            [1, 0],
+            [0.9, 0.5],
+        ),
+        ([["\u2581[", -0.1, []], ["\u25811", lp(0.3), [["\u25810", lp(0.1)]]], ["]", 0.0, []]], [1], [0.75]),
+        # Quoted items and "1.0": the verdict is the first digit.
+        (
+            [["['", 0.0, []], ["1", lp(0.8), [["0", lp(0.2)]]], [".0', '0", -0.1, []], ["']", 0.0, []]],
+            [1, 0],
+            [0.8, None],
+        ),
+        # Only the chosen digit among the alternatives: P("1") is 0 or 1.
+        ([["[", 0.0, []], ["0", -0.01, [["0", -0.01], ["[", -5.0]]], ["]", 0.0, []]], [0], [0.0]),
+        # Two verdicts in one token cannot be told apart.
+        ([["[", 0.0, []], ["1,0", -0.1, [["0,0", -3.0]]], ["]", 0.0, []]], [1, 0], [None, None]),
+        # Neither digit has a probability: the position's logprobs are missing.
+        ([["[", 0.0, []], ["1", None, []], ["]", 0.0, []]], [1], [None]),
+        # The tokens spell another list than the answer, or no list at all.
+        ([["[0]", -0.1, []]], [1], [None]),
+        ([["yes", -0.1, []]], [1], [None]),
+    ],
+)
+def test_verdict_probabilities(tokens, verdicts, expected):
+    assert verdict_probabilities(tokens, verdicts) == [None if e is None else pytest.approx(e) for e in expected]
+    assert verdict_probabilities(None, verdicts) == [None] * len(verdicts)
+
+
+def test_compact_logprobs_reads_the_chat_and_the_legacy_form():
+    chat_form = {
+        "content": [{"token": "[1", "logprob": -0.1, "bytes": None, "top_logprobs": [{"token": "[0", "logprob": -2}]}]
+    }
+    assert compact_logprobs(chat_form) == [["[1", -0.1, [["[0", -2]]]]
+    legacy = {"tokens": ["[", "1"], "token_logprobs": [None, -0.1], "top_logprobs": [None, {"1": -0.1, "0": -2.5}]}
+    assert compact_logprobs(legacy) == [["[", None, []], ["1", -0.1, [["1", -0.1], ["0", -2.5]]]]
+    for malformed in (
+        None,
+        {"content": None},
+        {"content": [{"token": 1, "logprob": 0}]},
+        {"content": [{"logprob": 0}]},
+    ):
+        assert compact_logprobs(malformed) is None
+    assert compact_logprobs({"content": [{"token": "1", "logprob": float("nan"), "top_logprobs": []}]}) is None
+
+
+def by_window(latent: LatentExamples, planted, task: str) -> tuple[list[int], list[float]]:
+    """The truths and planted P("1")s of a latent's test windows in one task, checked against the windows' labels."""
+    labels = {render_window(tokens): int(label) for tokens, _, label in latent.test}
+    rows = [(truth, p) for kind, text, truth, p in planted if kind == task and text in labels]
+    assert len(rows) == len(labels) == TEST_WINDOWS
+    assert sorted(truth for truth, _ in rows) == sorted(labels.values())
+    return [truth for truth, _ in rows], [p for _, p in rows]
+
+
+def test_auroc_from_planted_logprobs_matches_sklearn_and_is_cached(latents, tmp_path):
+    planted: list = []
+    config = config_for(server := FakeJudgeServer(planted_logprobs_judge(planted)), cache_dir=str(tmp_path / "c"))
+    with server:
+        results = judge_latents(config, latents)
+        sent = server.requests
+        again = judge_latents(config, latents)
+        assert server.requests == sent == 2 * PROMPTS_PER_LATENT  # the rerun asks nothing: logprobs are cached
+    assert again == results
+    for latent, result in results.items():
+        for task in ("detection", "fuzzing"):
+            truths, p_ones = by_window(latents[latent], planted, task)
+            expected = roc_auc_score(truths, p_ones)
+            assert 0.5 < expected < 1, "the planted P(1)s should overlap between the classes"
+            assert result[f"{task}_auroc"] == pytest.approx(expected)
+            assert result[f"{task}_auroc_source"] == "logprobs"
+            assert result[f"{task}_logprob_windows"] == result[f"{task}_windows"] == TEST_WINDOWS
+            answers = binary_metrics(truths, [int(p >= 0.5) for p in p_ones])["balanced_accuracy"]
+            assert result[f"{task}_balanced_accuracy"] == pytest.approx(answers)
+
+
+def test_without_logprobs_auroc_comes_from_the_answers(latents):
+    planted: list = []
+    with FakeJudgeServer(planted_logprobs_judge(planted)) as server:
+        results = judge_latents(config_for(server, logprobs=False), latents)
+    for latent, result in results.items():
+        for task in ("detection", "fuzzing"):
+            truths, p_ones = by_window(latents[latent], planted, task)
+            assert result[f"{task}_auroc"] == pytest.approx(roc_auc_score(truths, [p >= 0.5 for p in p_ones]))
+            assert result[f"{task}_auroc"] == pytest.approx(result[f"{task}_balanced_accuracy"])
+            assert (result[f"{task}_auroc_source"], result[f"{task}_logprob_windows"]) == ("answers", 0)
+
+
+def test_a_latent_never_mixes_logprobs_and_answers(latents):
+    """Detection prompts whose first window activates come without logprobs: their latents' detection AUROC falls
+    back to the answers for all windows; fuzzing keeps its logprobs."""
+    planted: list = []
+    behaviour = planted_logprobs_judge(planted)
+
+    def some_without(request: Request) -> Reply:
+        reply = behaviour(request)
+        if request.kind == "detection" and perfect_verdicts(request)[0] == 1:
+            reply.body["choices"][0].pop("logprobs", None)
+        return reply
+
+    with FakeJudgeServer(some_without) as server:
+        results = judge_latents(config_for(server), latents)
+    partial = [r for r in results.values() if r["detection_logprob_windows"] < TEST_WINDOWS]
+    assert partial, "the test data should leave some detection windows without logprobs"
+    for result in results.values():
+        mixed = result["detection_logprob_windows"] < TEST_WINDOWS
+        assert result["detection_auroc_source"] == ("answers" if mixed else "logprobs")
+        if mixed:
+            assert result["detection_auroc"] == pytest.approx(result["detection_balanced_accuracy"])
+        assert (result["fuzzing_auroc_source"], result["fuzzing_logprob_windows"]) == ("logprobs", TEST_WINDOWS)
+
+
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [
+        (400, "logprobs is not supported with this model"),  # hosted APIs
+        (422, "Extra inputs are not permitted"),  # strict request validation, naming nothing
+        (500, "logprobs is not supported for models created with logits_all=False"),  # llama-cpp-python
+    ],
+)
+def test_a_server_that_rejects_logprobs_is_asked_without_them(latents, tmp_path, caplog, status, message):
+    planted: list = []
+    asked: list[bool] = []
+    behaviour = rejecting_logprobs(status, message, planted_logprobs_judge(planted), asked)
+    config = config_for(server := FakeJudgeServer(behaviour), concurrency=1, cache_dir=str(tmp_path / "c"))
+    with server:
+        results = judge_latents(config, latents)
+        assert asked.count(True) == 1  # not retried, even a 500 that names logprobs; then never asked again
+        assert asked.count(False) == 2 * PROMPTS_PER_LATENT
+        again = judge_latents(config, latents)
+        assert len(asked) == 1 + 2 * PROMPTS_PER_LATENT  # the answers without logprobs are cached
+    assert again == results
+    assert "asking without logprobs from now on" in caplog.text
+    for result in results.values():
+        assert (result["llm_failed_prompts"], result["llm_failures"]) == (0, "")
+        for task in ("detection", "fuzzing"):
+            assert result[f"{task}_windows"] == TEST_WINDOWS
+            assert (result[f"{task}_auroc_source"], result[f"{task}_logprob_windows"]) == ("answers", 0)
+            assert result[f"{task}_auroc"] == pytest.approx(result[f"{task}_balanced_accuracy"])
+
+
+def test_old_cache_entries_without_logprobs_are_asked_again_once(latents, tmp_path):
+    cache = str(tmp_path / "cache")
+    planted: list = []
+    with FakeJudgeServer(planted_logprobs_judge(planted)) as server:
+        old = judge_latents(config_for(server, cache_dir=cache, logprobs=False), latents)  # a cache of answers only
+        assert judge_latents(config_for(server, cache_dir=cache, logprobs=False), latents) == old
+        assert server.requests == 2 * PROMPTS_PER_LATENT
+        new = judge_latents(config_for(server, cache_dir=cache), latents)
+        assert server.requests == 2 * PROMPTS_PER_LATENT + 2 * SCORING_PROMPTS  # explanations came from the cache
+        assert judge_latents(config_for(server, cache_dir=cache), latents) == new
+        assert server.requests == 2 * PROMPTS_PER_LATENT + 2 * SCORING_PROMPTS
+    for result in old.values():
+        assert result["detection_auroc_source"] == result["fuzzing_auroc_source"] == "answers"
+    for result in new.values():
+        assert result["detection_auroc_source"] == result["fuzzing_auroc_source"] == "logprobs"
+
+
+def test_constrained_answers_ask_for_a_list_of_the_prompts_length(latents):
+    formats = []
+
+    def recording(request: Request) -> Reply:
+        formats.append((request.kind, len(request.examples), request.body.get("response_format")))
+        return perfect_judge(request)
+
+    with FakeJudgeServer(recording) as server:
+        results = judge_latents(config_for(server, constrain_answers=True), latents)
+    assert all(r["detection_accuracy"] == 1.0 for r in results.values())
+    for kind, examples, response_format in formats:
+        if kind == "explain":
+            assert response_format is None
+        else:
+            schema = response_format["schema"]
+            assert response_format["type"] == "json_object" and schema["type"] == "array"
+            assert schema["minItems"] == schema["maxItems"] == examples and schema["items"]["enum"] == [0, 1]
 
 
 # ---- the protocol against llama.cpp's real server ----------------------------------------------------------------
@@ -508,11 +726,13 @@ def llama_server(tmp_path_factory):
 
     gguf, _ = _embedded_gguf()
     log_path = tmp_path_factory.mktemp("llama") / "server.log"
-    with llama_cpp_server(gguf, "smollm2-135m", log_path) as base_url:
+    # A small context: with logprobs, llama-cpp-python takes the log-softmax of its whole n_ctx x vocabulary logits
+    # buffer at every request (2 s at 4096 on a busy CPU); the prompts here stay under 600 tokens.
+    with llama_cpp_server(gguf, "smollm2-135m", log_path, n_ctx=1024) as base_url:
         yield base_url
 
 
-def test_llama_cpp_server_end_to_end(llama_server, tmp_path):
+def test_llama_cpp_server_end_to_end(llama_server, tmp_path, caplog):
     from bae_core.data.text import bible_documents
 
     words = " ".join(doc.text for doc in bible_documents()[:3]).split()
@@ -530,7 +750,11 @@ def test_llama_cpp_server_end_to_end(llama_server, tmp_path):
         max_tokens=48,
         explain_examples=10,
         windows_per_prompt=5,
+        # SmolLM2-135M never answers with a bare list on its own; llama.cpp's grammar makes it, and its logprobs
+        # are those of the unconstrained model.
+        constrain_answers=True,
     )
+    assert config.logprobs  # the default
     results = judge_latents(config, latents)
     answered = sum(r["llm_prompts"] - r["llm_failed_prompts"] for r in results.values())
     assert len(list((tmp_path / "cache").glob("*.json"))) == answered  # exactly the answers that parsed
@@ -546,7 +770,24 @@ def test_llama_cpp_server_end_to_end(llama_server, tmp_path):
             for name in ("accuracy", "balanced_accuracy"):
                 value = result[f"{task}_{name}"]
                 assert (0 <= value <= 1) if scored else math.isnan(value), (latent, task, name, value)
-        if result["llm_failed_prompts"]:
-            assert result["llm_failures"]
-        else:
-            assert result["detection_windows"] == result["fuzzing_windows"] == 10
+        assert (result["llm_failed_prompts"], result["llm_failures"]) == (0, ""), latent
+        assert result["detection_windows"] == result["fuzzing_windows"] == 10
+        for task in ("detection", "fuzzing"):
+            assert (result[f"{task}_auroc_source"], result[f"{task}_logprob_windows"]) == ("logprobs", 10)
+            assert 0 <= result[f"{task}_auroc"] <= 1
+    # The cache keeps each scoring answer's logprobs: a P("1") per window, a probability on the side of the answer.
+    entries = [json.loads(path.read_text()) for path in (tmp_path / "cache").glob("*.json")]
+    scoring = [entry for entry in entries if "logprobs" in entry]
+    assert len(scoring) == 2 * 2 * 2  # latents x tasks x prompts
+    p_ones = []
+    for entry in scoring:
+        verdicts = parse_verdicts(entry["answer"], 5)
+        probabilities = verdict_probabilities(entry["logprobs"], verdicts)
+        assert all(p is not None and 0 <= p <= 1 for p in probabilities), (entry["answer"], probabilities)
+        # Greedy decoding under the grammar picks the likelier digit.
+        assert [int(p >= 0.5) for p in probabilities] == verdicts, (entry["answer"], probabilities)
+        p_ones += probabilities
+    assert len(set(p_ones)) > 1, p_ones
+    with caplog.at_level(logging.INFO, logger="bae_core.evaluation.judge.scoring"):
+        assert judge_latents(config, latents) == results
+    assert "0 HTTP requests" in caplog.text  # the rerun asks nothing

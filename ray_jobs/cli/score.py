@@ -59,6 +59,16 @@ def add_score_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="folder or URI of the response cache (default: RUN/llm/cache)",
     )
+    llm.add_argument(
+        "--llm-no-logprobs",
+        action="store_true",
+        help="do not ask for the answers' logprobs: detection and fuzzing AUROC from the 0/1 answers",
+    )
+    llm.add_argument(
+        "--llm-constrain-answers",
+        action="store_true",
+        help="constrain scoring answers to a list of 0/1 with a JSON schema (llama.cpp's servers; small judges)",
+    )
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     p.set_defaults(func=run_score_cmd)
 
@@ -127,6 +137,8 @@ def _judge_config(args: argparse.Namespace, run: str):
         timeout_s=args.llm_timeout,
         max_retries=args.llm_retries,
         cache_dir=cache,
+        logprobs=not args.llm_no_logprobs,
+        constrain_answers=args.llm_constrain_answers,
     )
 
 

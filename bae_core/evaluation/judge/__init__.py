@@ -10,8 +10,17 @@ prompt) twice:
   tokens in non-activating ones; for each, "is this highlighting correct for the explanation?" (0 or 1).
 
 The answers become accuracy, balanced accuracy and F1 against whether each window is activating. No activation
-values are ever shown, so binary and continuous latents give the judge the same information. AUROC from the
-answers' logprobs (§3b, "when logprobs are available") is not computed: only the 0/1 answers are used.
+values are ever shown, so binary and continuous latents give the judge the same information.
+
+AUROC (§3b, "when logprobs are available", as delphi does it): the scoring prompts ask for the answer's token
+logprobs (`JudgeConfig.logprobs`, on by default; `top_logprobs` alternatives per token), and each window's
+P("1") = P(1) / (P(0) + P(1)) is read at the token of its verdict's digit (`logprobs.verdict_probabilities`:
+how digits inside larger tokens such as " 1" or "[1" are found, and when a window gets none). A latent's
+`detection_auroc` / `fuzzing_auroc` is the AUROC of the P("1")s when every scored window of that task has one
+(`*_auroc_source` = "logprobs"), and otherwise of the 0/1 answers (`*_auroc_source` = "answers"; then it equals
+the balanced accuracy): never a mix of the two. `*_logprob_windows` counts the windows that had a P("1"). A
+server that rejects the logprobs parameter is detected and asked without it (`client.JudgeClient`); one that
+ignores it gives answers without logprobs; both score from the answers.
 
 Any OpenAI-compatible server works (vLLM, llama.cpp's server, a hosted API): the client posts to
 ``{base_url}/chat/completions`` with bounded concurrency, retries connection errors, timeouts, HTTP 429 and 5xx
@@ -24,8 +33,13 @@ into the scorer and never counts as a wrong answer: its windows are left out of 
 are counted and described in each latent's result (`llm_failed_prompts`, `llm_failed_fraction`,
 `llm_failures`). Where nothing could be scored the metrics are NaN, never 0.
 
+The response cache keeps each answer's logprobs with it, keyed by the request the config asks for (logprobs
+and top_logprobs included), so a rerun asks nothing again. An entry of the judge's first version (asked without
+logprobs) does not answer a prompt that asks for them: that prompt is asked once more, so that a latent's AUROC
+rests on logprobs throughout; with `logprobs=False` such entries answer as before.
+
 The scorers take plain data (`LatentExamples`: token strings and firing masks), so this module depends on no
-other part of the codebase beyond small validation helpers.
+other part of the codebase beyond small validation helpers and the lexical judge's AUROC.
 """
 
 from bae_core.evaluation.judge.client import (
@@ -44,6 +58,11 @@ from bae_core.evaluation.judge.config import (
     Messages,
     Task,
 )
+from bae_core.evaluation.judge.logprobs import (
+    TokenLogprobs,
+    compact_logprobs,
+    verdict_probabilities,
+)
 from bae_core.evaluation.judge.prompts import (
     DETECTION_SYSTEM,
     EXPLAINER_SYSTEM,
@@ -57,6 +76,8 @@ from bae_core.evaluation.judge.prompts import (
     render_window,
 )
 from bae_core.evaluation.judge.scoring import (
+    ANSWERS,
+    LOGPROBS,
     RESULT_KEYS,
     JudgePrompt,
     JudgeUnreachable,
@@ -67,6 +88,7 @@ from bae_core.evaluation.judge.scoring import (
 )
 
 __all__ = [
+    "ANSWERS",
     "AnswerError",
     "Completion",
     "DETECTION_SYSTEM",
@@ -78,6 +100,7 @@ __all__ = [
     "JudgeConfig",
     "JudgePrompt",
     "JudgeUnreachable",
+    "LOGPROBS",
     "LatentExamples",
     "MAX_EXPLANATION_CHARS",
     "Messages",
@@ -85,8 +108,10 @@ __all__ = [
     "RESULT_KEYS",
     "ResponseCache",
     "Task",
+    "TokenLogprobs",
     "binary_metrics",
     "cache_key",
+    "compact_logprobs",
     "detection_messages",
     "explain_messages",
     "fuzzing_messages",
@@ -96,4 +121,5 @@ __all__ = [
     "render_window",
     "require_answers",
     "scoring_prompts",
+    "verdict_probabilities",
 ]

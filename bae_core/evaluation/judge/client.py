@@ -1,5 +1,6 @@
 """An OpenAI-compatible chat-completions client: bounded concurrency, retries with backoff and jitter, an
-on-disk cache of answers, and an API key read from the environment at each request and never stored."""
+on-disk cache of answers (with their token logprobs when asked for), and an API key read from the environment at
+each request and never stored."""
 
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ from bae_core.evaluation.judge.config import (
     Messages,
     _url_host,
 )
+from bae_core.evaluation.judge.logprobs import (
+    TokenLogprobs,
+    checked_logprobs,
+    compact_logprobs,
+)
 from bae_core.evaluation.judge.prompts import (
     AnswerError,
 )
@@ -40,11 +46,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Completion:
-    """One prompt's outcome: the parsed answer, or why there is none."""
+    """One prompt's outcome: the parsed answer, or why there is none; with the answer's token logprobs when they
+    were asked for and the server gave them."""
 
     value: Any = None
     failure: str | None = None
     cached: bool = False
+    logprobs: TokenLogprobs | None = None
 
     @property
     def ok(self) -> bool:
@@ -59,12 +67,26 @@ class _Attempt:
     failure: str | None = None
     retryable: bool = False
     retry_after_s: float | None = None
+    status: int | None = None
+    logprobs: TokenLogprobs | None = None
 
 
-def cache_key(model: str, messages: Messages, temperature: float, max_tokens: int) -> str:
-    """sha256 (hex) of the canonical JSON of what determines an answer. The API key and URL are not part of it."""
+# Statuses that say nothing about the request's parameters: no reason to ask again without logprobs.
+_NOT_ABOUT_PARAMETERS = (401, 403, 404, 408, 429)
+
+
+def cache_key(
+    model: str, messages: Messages, temperature: float, max_tokens: int, extra: dict[str, Any] | None = None
+) -> str:
+    """sha256 (hex) of the canonical JSON of what determines an answer: the model, messages, sampling settings
+    and the request's `extra` parameters (logprobs, top_logprobs, response_format). Without extras the key is
+    the one of the judge's first version, so older caches still answer those prompts. The API key and URL are
+    not part of it."""
+    request = {"model": model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens}
+    if extra:
+        request["extra"] = extra
     canonical = json.dumps(
-        {"model": model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens},
+        request,
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
@@ -74,8 +96,9 @@ def cache_key(model: str, messages: Messages, temperature: float, max_tokens: in
 
 class ResponseCache:
     """Successful answers on disk, one JSON file per cache key ({key}.json holding model, prompt version and
-    answer), each written atomically so that concurrent writers and interrupted runs never leave half a file.
-    The folder is local, or a URI (s3://bucket/run/llm/cache) read and written with pyarrow."""
+    answer, and `logprobs` for a request that asked for them: the compact token logprobs, or null when the
+    server gave none), each written atomically so that concurrent writers and interrupted runs never leave half
+    a file. The folder is local, or a URI (s3://bucket/run/llm/cache) read and written with pyarrow."""
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.uri = str(folder) if "://" in str(folder) else None
@@ -87,30 +110,36 @@ class ResponseCache:
 
     def get(self, key: str) -> str | None:
         """The cached answer, or None when there is none (an unreadable entry counts as none)."""
+        entry = self.entry(key)
+        return entry["answer"] if entry is not None else None
+
+    def entry(self, key: str) -> dict[str, Any] | None:
+        """The cached entry (a dict with a string `answer`), or None when there is none or it is unreadable."""
         try:
             if self.uri is not None:
-                answer = json.loads(self.remote.read_bytes(key)).get("answer")
+                entry = json.loads(self.remote.read_bytes(key))
             else:
                 with open(self.path(key), encoding="utf-8") as f:
-                    answer = json.load(f).get("answer")
+                    entry = json.load(f)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, AttributeError) as err:
+        except (OSError, ValueError) as err:
             log.debug("ignoring unreadable judge cache entry %s: %s", key, type(err).__name__)
             return None
-        return answer if isinstance(answer, str) else None
+        return entry if isinstance(entry, dict) and isinstance(entry.get("answer"), str) else None
 
-    def put(self, key: str, model: str, answer: str) -> None:
-        """Store an answer: write a temporary file in the same folder, then rename it over the final name."""
+    def put(self, key: str, model: str, answer: str, **fields: Any) -> None:
+        """Store an answer (and `fields`, e.g. logprobs): write a temporary file in the same folder, then rename
+        it over the final name."""
+        entry = {"model": model, "prompt_version": PROMPT_VERSION, "answer": answer, **fields}
         if self.uri is not None:
-            entry = {"model": model, "prompt_version": PROMPT_VERSION, "answer": answer}
             self.remote.write_bytes(key, json.dumps(entry, ensure_ascii=False).encode("utf-8"))
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=".json")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"model": model, "prompt_version": PROMPT_VERSION, "answer": answer}, f, ensure_ascii=False)
+                json.dump(entry, f, ensure_ascii=False)
             os.replace(tmp, self.path(key))
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -138,7 +167,13 @@ class _RemoteFolder:
 
 class JudgeClient:
     """A thread-safe client of one OpenAI-compatible chat-completions endpoint, with retries and an on-disk
-    cache. `ask` never raises: it returns a `Completion` holding the parsed answer or a failure reason."""
+    cache. `ask` never raises: it returns a `Completion` holding the parsed answer or a failure reason.
+
+    A request that asks for logprobs and fails with an HTTP error that may be about its parameters (any status
+    but 401, 403, 404, 408 and 429; an error that names logprobs is not retried first) is sent once more without
+    them, as long as no request with logprobs has succeeded on this client. When that one is answered, the
+    server is taken to reject logprobs: a warning says so and every later request goes without them (its
+    answers are cached with `logprobs` null, so a rerun does not ask again)."""
 
     def __init__(self, config: JudgeConfig) -> None:
         self.config = config
@@ -149,6 +184,8 @@ class JudgeClient:
         self._lock = threading.Lock()
         self.http_attempts = 0  # HTTP requests sent so far, retries included
         self.cache_hits = 0
+        self.logprobs_accepted = False  # a request with logprobs was answered
+        self.logprobs_rejected = False  # the server failed requests with logprobs and answered them without
 
     def __enter__(self) -> JudgeClient:
         return self
@@ -163,61 +200,98 @@ class JudgeClient:
         for session in sessions:
             session.close()
 
-    def ask(self, messages: Messages, parse: Callable[[str], Any]) -> Completion:
+    def ask(
+        self,
+        messages: Messages,
+        parse: Callable[[str], Any],
+        *,
+        logprobs: bool = False,
+        extra: dict[str, Any] | None = None,
+    ) -> Completion:
         """Send `messages` (or read their cached answer) and return `parse(answer)`. `parse` raises AnswerError
-        for an answer not in the asked format; only answers that parse are cached."""
+        for an answer not in the asked format; only answers that parse are cached. `logprobs`: ask for the
+        answer's token logprobs (`config.top_logprobs` alternatives per token); `extra`: more request
+        parameters (e.g. response_format). Both are part of the cache key."""
         try:
-            return self._ask(messages, parse)
+            return self._ask(messages, parse, logprobs, dict(extra or {}))
         except Exception as err:  # the scorer must never see an exception from one prompt
             log.warning("judge prompt failed unexpectedly: %s", type(err).__name__)
             return Completion(failure=f"unexpected error: {type(err).__name__}")
 
-    def _ask(self, messages: Messages, parse: Callable[[str], Any]) -> Completion:
+    def _ask(self, messages: Messages, parse: Callable[[str], Any], logprobs: bool, extra: dict) -> Completion:
         config = self.config
-        key = cache_key(config.model, messages, config.temperature, config.max_tokens)
-        cached = self.cache.get(key) if self.cache is not None else None
+        asked = {**extra, "logprobs": True, "top_logprobs": config.top_logprobs} if logprobs else extra
+        # The key is that of the request the config asks for, even when the server rejected logprobs and the
+        # answer came without them: the entry then holds `logprobs` null and a rerun does not ask again.
+        key = cache_key(config.model, messages, config.temperature, config.max_tokens, asked)
+        cached = self.cache.entry(key) if self.cache is not None else None
         if cached is not None:
             try:
-                value = parse(cached)
+                value = parse(cached["answer"])
             except AnswerError:
                 pass  # cached under another parser: ask again
             else:
                 with self._lock:
                     self.cache_hits += 1
-                return Completion(value=value, cached=True)
-        text, failure = self._post_with_retries(messages)
-        if text is None:
-            return Completion(failure=failure)
+                kept = checked_logprobs(cached.get("logprobs")) if logprobs else None
+                return Completion(value=value, cached=True, logprobs=kept)
+        outcome = self._post(messages, extra, logprobs)
+        if outcome.text is None:
+            return Completion(failure=outcome.failure)
         try:
-            value = parse(text)
+            value = parse(outcome.text)
         except AnswerError as err:
-            log.debug("judge answer not in the asked format (%s): %.200r", err, text)
+            log.debug("judge answer not in the asked format (%s): %.200r", err, outcome.text)
             return Completion(failure=str(err))
-        self._cache_put(key, text)
-        return Completion(value=value)
+        self._cache_put(key, outcome.text, {"logprobs": outcome.logprobs} if logprobs else {})
+        return Completion(value=value, logprobs=outcome.logprobs)
 
-    def _cache_put(self, key: str, answer: str) -> None:
+    def _cache_put(self, key: str, answer: str, fields: dict[str, Any]) -> None:
         if self.cache is None:
             return
         try:
-            self.cache.put(key, self.config.model, answer)
+            self.cache.put(key, self.config.model, answer, **fields)
         except OSError as err:  # a full disk loses the cache entry, not the answer
             log.warning("could not write a judge cache entry in %s: %s", self.cache.folder, type(err).__name__)
 
     # -- HTTP --
 
-    def _post_with_retries(self, messages: Messages) -> tuple[str | None, str | None]:
+    def _post(self, messages: Messages, extra: dict[str, Any], logprobs: bool) -> _Attempt:
+        """The request with logprobs (unless the server rejects them), and without them when it fails in a way
+        that may be about them (see the class docstring)."""
+        if not logprobs or self.logprobs_rejected:
+            return self._post_with_retries(messages, extra)
+        params = {**extra, "logprobs": True, "top_logprobs": self.config.top_logprobs}
+        outcome = self._post_with_retries(messages, params, logprobs=True)
+        if outcome.text is not None:
+            self.logprobs_accepted = True
+            return outcome
+        if self.logprobs_accepted or outcome.status is None or outcome.status in _NOT_ABOUT_PARAMETERS:
+            return outcome
+        plain = self._post_with_retries(messages, extra)
+        if plain.text is not None and not self.logprobs_rejected:
+            self.logprobs_rejected = True
+            log.warning(
+                "the judge server failed a request with logprobs (%s) and answered it without: asking without "
+                "logprobs from now on, so detection and fuzzing AUROC come from the 0/1 answers",
+                outcome.failure,
+            )
+        return plain
+
+    def _post_with_retries(self, messages: Messages, params: dict[str, Any], *, logprobs: bool = False) -> _Attempt:
         attempts = self.config.max_retries + 1
         for attempt in range(attempts):
-            outcome = self._post_once(messages)
+            outcome = self._post_once(messages, params, logprobs)
             if outcome.text is not None:
-                return outcome.text, None
+                return outcome
             failure = outcome.failure or "no answer"
-            if not outcome.retryable or attempt == attempts - 1:
+            # An HTTP error about logprobs will not go away: the caller asks without them instead.
+            about_logprobs = logprobs and outcome.status is not None and "logprob" in failure.lower()
+            if not outcome.retryable or about_logprobs or attempt == attempts - 1:
                 if attempt > 0:
                     failure = f"{failure} (after {attempt + 1} attempts)"
                 log.warning("judge request failed: %s", failure)
-                return None, failure
+                return _Attempt(failure=failure, status=outcome.status)
             delay = self._retry_delay(attempt, outcome.retry_after_s)
             log.debug("judge request failed (%s); retry %d/%d in %.2f s", failure, attempt + 1, attempts - 1, delay)
             time.sleep(delay)
@@ -238,13 +312,14 @@ class JudgeClient:
                 self._sessions.append(session)
         return session
 
-    def _post_once(self, messages: Messages) -> _Attempt:
+    def _post_once(self, messages: Messages, params: dict[str, Any], logprobs: bool) -> _Attempt:
         config = self.config
         payload = {
             "model": config.model,
             "messages": messages,
             "temperature": config.temperature,
             "max_tokens": config.max_tokens,
+            **params,
         }
         headers = {"Content-Type": "application/json"}
         api_key = os.environ.get(config.api_key_env, "")
@@ -261,11 +336,12 @@ class JudgeClient:
         except requests.RequestException as err:
             return _Attempt(failure=f"request error: {type(err).__name__}")
         with response:
-            return _read_response(response, api_key)
+            return _read_response(response, api_key, logprobs)
 
 
-def _read_response(response: requests.Response, api_key: str) -> _Attempt:
-    """The answer text of a chat-completions response, or why there is none."""
+def _read_response(response: requests.Response, api_key: str, logprobs: bool = False) -> _Attempt:
+    """The answer text (and, when asked for, token logprobs) of a chat-completions response, or why there is
+    none."""
     status = response.status_code
     if status != 200:
         failure = f"HTTP {status}"
@@ -273,8 +349,8 @@ def _read_response(response: requests.Response, api_key: str) -> _Attempt:
         if snippet:
             failure = f"{failure}: {snippet}"
         if status == 429 or status >= 500:
-            return _Attempt(failure=failure, retryable=True, retry_after_s=_retry_after(response))
-        return _Attempt(failure=failure)
+            return _Attempt(failure=failure, retryable=True, retry_after_s=_retry_after(response), status=status)
+        return _Attempt(failure=failure, status=status)
     try:
         data = response.json()
     except ValueError:
@@ -286,8 +362,12 @@ def _read_response(response: requests.Response, api_key: str) -> _Attempt:
     content = message.get("content") if isinstance(message, dict) else None
     if not isinstance(content, str):
         return _Attempt(failure="malformed response: no choices[0].message.content")
-    # A server that echoes the key into an answer must not get it into explanations, the cache or logs.
-    return _Attempt(text=_redact(content, api_key))
+    tokens = compact_logprobs(choices[0].get("logprobs")) if logprobs else None
+    # A server that echoes the key into an answer must not get it into explanations, the cache or logs; its
+    # tokens would spell the key, so they are dropped.
+    if tokens is not None and api_key and (api_key in content or api_key in json.dumps(tokens, ensure_ascii=False)):
+        tokens = None
+    return _Attempt(text=_redact(content, api_key), logprobs=tokens)
 
 
 def _body_snippet(response: requests.Response) -> str:

@@ -58,8 +58,8 @@ class JudgeConfig:
     concurrency: int = 8
     """Most requests in flight at once, across all latents."""
     cache_dir: str | None = None
-    """Folder of the on-disk response cache (one JSON file per prompt, keyed by a hash of model, messages and
-    sampling parameters); None: no cache."""
+    """Folder of the on-disk response cache (one JSON file per prompt, keyed by a hash of model, messages,
+    sampling parameters, and whether logprobs and a response format were asked for); None: no cache."""
     temperature: float = 0.0
     """Sampling temperature sent with every request."""
     max_tokens: int = 200
@@ -68,6 +68,17 @@ class JudgeConfig:
     """Activating explain windows shown to the explainer (the first ones given)."""
     windows_per_prompt: int = 5
     """Test windows per detection or fuzzing prompt."""
+    logprobs: bool = True
+    """Ask for the token logprobs of detection and fuzzing answers (`logprobs: true`, `top_logprobs`) and score
+    AUROC from each window's P("1"); False, or a server that rejects or ignores the parameter: AUROC from the 0/1
+    answers. Each latent's `detection_auroc_source` / `fuzzing_auroc_source` says which."""
+    top_logprobs: int = 5
+    """Alternatives per answer token when logprobs are asked for (1 to 20, OpenAI's limit)."""
+    constrain_answers: bool = False
+    """Ask the server to constrain each detection and fuzzing answer to a JSON list of exactly as many 0s and 1s
+    as the prompt has windows, with `response_format: {"type": "json_object", "schema": ...}` (the form
+    llama.cpp's and llama-cpp-python's servers understand). For small local judges that do not follow the
+    format instructions; other servers may reject or ignore it."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.base_url, str) or not self.base_url.startswith(("http://", "https://")):
@@ -93,6 +104,12 @@ class JudgeConfig:
         check_positive("max_tokens", self.max_tokens, integer=True)
         check_positive("explain_examples", self.explain_examples, integer=True)
         check_positive("windows_per_prompt", self.windows_per_prompt, integer=True)
+        for name in ("logprobs", "constrain_answers"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: must be true or false, got {getattr(self, name)!r}")
+        check_positive("top_logprobs", self.top_logprobs, integer=True)
+        if self.top_logprobs > 20:
+            raise ValueError(f"top_logprobs: must be at most 20, got {self.top_logprobs!r}")
 
     @classmethod
     def from_env(cls, **overrides: Any) -> JudgeConfig:

@@ -1,5 +1,6 @@
 """Scoring latents with the judge: explain each latent, then detection and fuzzing prompts over its test
-windows, scheduled on the client, with failures counted and left out of the metrics."""
+windows, scheduled on the client, with failures counted and left out of the metrics, and AUROC from each
+window's P("1") when the answers came with logprobs, else from the 0/1 answers."""
 
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ from bae_core.evaluation.judge.config import (
     Messages,
     Task,
 )
+from bae_core.evaluation.judge.logprobs import (
+    verdict_probabilities,
+)
 from bae_core.evaluation.judge.prompts import (
     detection_messages,
     explain_messages,
@@ -36,6 +40,7 @@ from bae_core.evaluation.judge.prompts import (
     parse_explanation,
     parse_verdicts,
 )
+from bae_core.evaluation.lexical import auroc
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +51,17 @@ RESULT_KEYS = (
     "detection_accuracy",
     "detection_balanced_accuracy",
     "detection_f1",
+    "detection_auroc",
+    "detection_auroc_source",
     "detection_windows",
+    "detection_logprob_windows",
     "fuzzing_accuracy",
     "fuzzing_balanced_accuracy",
     "fuzzing_f1",
+    "fuzzing_auroc",
+    "fuzzing_auroc_source",
     "fuzzing_windows",
+    "fuzzing_logprob_windows",
     "llm_prompts",
     "llm_failed_prompts",
     "llm_failed_fraction",
@@ -59,6 +70,11 @@ RESULT_KEYS = (
     "prompt_version",
 )
 """Keys of each latent's result from `judge_latents`, in table order."""
+
+LOGPROBS = "logprobs"
+ANSWERS = "answers"
+"""Values of `{task}_auroc_source`: AUROC of the windows' P("1") from the answers' logprobs, or of the 0/1
+answers themselves (which equals the balanced accuracy). None where the AUROC is NaN."""
 
 
 class JudgeUnreachable(RuntimeError):
@@ -114,6 +130,17 @@ class JudgePrompt:
         """The explanation, or the list of 0/1 verdicts, in `answer`; AnswerError when it has none."""
         return parse_explanation(answer) if self.task == "explain" else parse_verdicts(answer, len(self.labels))
 
+    def request(self, config: JudgeConfig) -> dict[str, Any]:
+        """`JudgeClient.ask`'s options for this prompt: logprobs and the answer's format, for scoring prompts."""
+        if self.task == "explain":
+            return {}
+        extra = None
+        if config.constrain_answers:
+            verdicts = {"type": "integer", "enum": [0, 1]}
+            schema = {"type": "array", "items": verdicts, "minItems": len(self.labels), "maxItems": len(self.labels)}
+            extra = {"response_format": {"type": "json_object", "schema": schema}}
+        return {"logprobs": config.logprobs, "extra": extra}
+
 
 @dataclass
 class _Tally:
@@ -125,6 +152,7 @@ class _Tally:
     notes: Counter[str] = field(default_factory=Counter)
     labels: dict[str, list[int]] = field(default_factory=lambda: {"detection": [], "fuzzing": []})
     predictions: dict[str, list[int]] = field(default_factory=lambda: {"detection": [], "fuzzing": []})
+    probabilities: dict[str, list[float | None]] = field(default_factory=lambda: {"detection": [], "fuzzing": []})
 
     def record(self, prompt: JudgePrompt, completion: Completion) -> None:
         self.prompts += 1
@@ -136,12 +164,14 @@ class _Tally:
         else:
             self.labels[prompt.task].extend(prompt.labels)
             self.predictions[prompt.task].extend(completion.value)
+            self.probabilities[prompt.task].extend(verdict_probabilities(completion.logprobs, completion.value))
 
     def result(self, model: str) -> dict[str, Any]:
         row: dict[str, Any] = {"llm_explanation": self.explanation}
         for task in ("detection", "fuzzing"):
             metrics = binary_metrics(self.labels[task], self.predictions[task])
             row.update({f"{task}_{name}": value for name, value in metrics.items()})
+            row.update(_auroc(self.labels[task], self.predictions[task], self.probabilities[task], task))
             row[f"{task}_windows"] = len(self.labels[task])
         notes = "; ".join(f"{reason} (x{count})" if count > 1 else reason for reason, count in self.notes.items())
         row.update(
@@ -153,6 +183,19 @@ class _Tally:
             prompt_version=PROMPT_VERSION,
         )
         return {key: row[key] for key in RESULT_KEYS}
+
+
+def _auroc(labels: list[int], predictions: list[int], probabilities: list[float | None], task: str) -> dict[str, Any]:
+    """A task's AUROC, from the windows' P("1") when every scored window has one, else from the 0/1 answers (one
+    source per latent and task, never a mix), with its source and the windows that had a P("1")."""
+    with_p = sum(p is not None for p in probabilities)
+    source, scores = (LOGPROBS, probabilities) if labels and with_p == len(labels) else (ANSWERS, predictions)
+    value = auroc(scores, labels) if labels else math.nan
+    return {
+        f"{task}_auroc": value,
+        f"{task}_auroc_source": None if math.isnan(value) else source,
+        f"{task}_logprob_windows": with_p,
+    }
 
 
 def scoring_prompts(
@@ -240,7 +283,8 @@ class _Scheduler:
     def submit(self, prompts: Sequence[JudgePrompt]) -> None:
         self.tracker.add(len(prompts))
         for prompt in prompts:
-            future = self.pool.submit(self.client.ask, prompt.messages, prompt.parse)
+            options = prompt.request(self.client.config)
+            future = self.pool.submit(self.client.ask, prompt.messages, prompt.parse, **options)
             self.outstanding += 1
             future.add_done_callback(lambda done, prompt=prompt: self.finished.put((prompt, done)))
 
@@ -303,12 +347,15 @@ def judge_latents(
     prompts = sum(tally.prompts for tally in tallies.values())
     failed = sum(tally.failed for tally in tallies.values())
     log.info(
-        "judged %d latents in %.1f s: %d prompts (%d answered from the cache, %d HTTP requests), %d failed",
+        "judged %d latents in %.1f s: %d prompts (%d answered from the cache, %d HTTP requests), %d failed; AUROC "
+        "from logprobs for %d of %d latent scores",
         len(examples),
         time.perf_counter() - start,
         prompts,
         client.cache_hits,
         client.http_attempts,
         failed,
+        sum(r[f"{task}_auroc_source"] == LOGPROBS for r in results.values() for task in ("detection", "fuzzing")),
+        sum(r[f"{task}_auroc_source"] is not None for r in results.values() for task in ("detection", "fuzzing")),
     )
     return results
