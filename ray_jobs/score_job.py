@@ -41,14 +41,17 @@ from ray_jobs.score_plan import (
     EVALUATION_DIR,
     LATENTS_TABLE,
     LLM_DIR,
+    ORIGIN_RUN,
     SCORES_DIR,
     TRIAL_COLUMNS,
     ScoreOptions,
     ScoreTask,
     _missing,
+    imported_label,
     plan,
     read_table,
     stale_reason,
+    with_imported_columns,
 )
 from ray_jobs.score_tasks import (
     _merge_parts,
@@ -179,6 +182,9 @@ def write_tables(run_dir: str, tasks: list[ScoreTask] | None = None):
     frames, evaluations = [], {}
     for t in tasks:
         frame = read_table(run_dir, f"{SCORES_DIR}/{t.coder_id}.parquet")
+        frame["origin"] = t.origin
+        if t.origin != ORIGIN_RUN:
+            frame["dictionary"] = imported_label(t)
         if not _missing(fs, base, LLM_DIR, t.coder_id, "parquet"):
             frame = frame.merge(
                 read_table(run_dir, f"{LLM_DIR}/{t.coder_id}.parquet"), on=["coder_id", "latent"], how="left"
@@ -198,6 +204,7 @@ def write_tables(run_dir: str, tasks: list[ScoreTask] | None = None):
     trials = read_table(run_dir, TRIALS_TABLE)
     kept = [c for c in TRIAL_COLUMNS if c in trials.columns and c not in coders.columns]
     coders = coders.merge(trials[["trial_id", *kept]], on="trial_id", how="left")
+    coders = with_imported_columns(run_dir, coders)
     write_parquet_atomic(run_dir, CODERS_TABLE, coders)
     ablation = pd.DataFrame([{"coder_id": k, **row} for k, v in evaluations.items() for row in v["ablation"]])
     write_parquet_atomic(run_dir, ABLATION_TABLE, ablation)
@@ -228,6 +235,7 @@ def summarize(latents, tasks: list[ScoreTask] | None = None):
             "dictionary": g["dictionary"].iloc[0],
             "activation": t.activation if t else None,
             "kind": t.kind if t else None,
+            "origin": t.origin if t else None,
             "hookpoint": g["hookpoint"].iloc[0],
             "k": int(g["k"].iloc[0]),
             "l0_heldout": _l0(g),

@@ -1,5 +1,6 @@
-"""What `bae score` does and with which settings: the dictionaries of a run (`plan`), the options that change
-their numbers (`ScoreOptions`), and whether a per-coder file is up to date with them (`stale_reason`)."""
+"""What `bae score` does and with which settings: the dictionaries of a run (`plan`: its trained coders, the coders
+`bae import` registered, the baselines and controls), the options that change their numbers (`ScoreOptions`), and
+whether a per-coder file is up to date with them (`stale_reason`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,13 @@ LATENTS_TABLE = "latents.parquet"
 CODERS_TABLE = "coders.parquet"
 ABLATION_TABLE = "ablation.parquet"
 DENSITY_TABLE = "density.parquet"
+IMPORTED_TABLE = "imported.parquet"
+"""Coders from elsewhere, registered by `bae import` (`ray_jobs.import_job`)."""
+IMPORTED_DIR = "imported"
+ORIGIN_RUN = "run"
+"""`ScoreTask.origin` of what the run itself made: its trained coders, baselines and controls."""
+IMPORTED_COLUMNS = ("fvu", "l0", "eval_tokens", "num_latents")
+"""Columns of imported.parquet (measured at import, like a trial's) repeated in coders.parquet."""
 TRIAL_COLUMNS = ("fvu", "l0", "train_fvu", "eval_tokens", "num_latents", "expansion_factor", "seed", "steps", "model")
 """Columns of trials.parquet repeated in coders.parquet."""
 SCORES_DIR = "scores"
@@ -39,6 +47,8 @@ class ScoreTask:
     kind: str = "baseline"
     num_latents: int | None = None
     """Dictionary size, when known before loading it (trained coders); larger ones are scored in chunks."""
+    origin: str = ORIGIN_RUN
+    """run, or for an imported coder its format and source (sparsify:/path, saelens:hub:owner/name, bae:/path)."""
 
 
 @dataclass(frozen=True)
@@ -121,8 +131,9 @@ class ScoreOptions:
 
 
 def plan(run_dir: str) -> list[ScoreTask]:
-    """The coders of a run's finished trials, then one neuron baseline per (cache, MLP hookpoint, k), then the
-    two reference dictionaries (positive and negative control) per (cache, hookpoint)."""
+    """The coders of a run's finished trials, then the imported coders (RUN/imported.parquet), then one neuron
+    baseline per (cache, MLP hookpoint, k) of the trials, then the two reference dictionaries (positive and
+    negative control) per (cache, hookpoint) of either."""
     from bae_core.evaluation.interp import CONTROLS
 
     fs, base = open_filesystem(run_dir)
@@ -152,16 +163,62 @@ def plan(run_dir: str) -> list[ScoreTask]:
         )
         for r in finished.itertuples()
     ]
+    imported = imported_tasks(run_dir)
+    tasks += imported
     baselines = sorted({(r.cache, r.hookpoint, int(r.k)) for r in finished.itertuples()})
     has_input = [(c, h, k) for c, h, k in baselines if h.endswith(".mlp")]
     tasks += [ScoreTask(f"neurons-{h}-k{k}", None, c, h, k, None) for c, h, k in has_input]
-    hookpoints = sorted({(r.cache, r.hookpoint) for r in finished.itertuples()})
+    hookpoints = sorted(
+        {(r.cache, r.hookpoint) for r in finished.itertuples()} | {(t.cache, t.hookpoint) for t in imported}
+    )
     tasks += [
         ScoreTask(f"{control.replace('_', '-')}-{h}", None, c, h, 1, None, control, "control")
         for c, h in hookpoints
         for control in CONTROLS
     ]
     return tasks
+
+
+def imported_tasks(run_dir: str) -> list[ScoreTask]:
+    """The coders `bae import` registered in RUN/imported.parquet (none when it has none)."""
+    fs, base = open_filesystem(run_dir)
+    if fs.get_file_info(f"{base}/{IMPORTED_TABLE}").type.name == "NotFound":
+        return []
+    table = read_table(run_dir, IMPORTED_TABLE)
+    return [
+        ScoreTask(
+            r.coder_id,
+            None,
+            resolve(run_dir, r.cache),
+            r.hookpoint,
+            int(r.k),
+            resolve(run_dir, r.checkpoint),
+            r.activation,
+            r.kind,
+            int(r.num_latents),
+            r.origin,
+        )
+        for r in table.itertuples()
+    ]
+
+
+def imported_label(task: ScoreTask) -> str:
+    """The `dictionary` of an imported coder in latents.parquet and coders.parquet, e.g. 'topk sae (sparsify
+    import)'; a trained coder's is its activation and kind alone."""
+    return f"{task.activation} {task.kind} ({task.origin.split(':', 1)[0]} import)"
+
+
+def with_imported_columns(run_dir: str, coders):
+    """coders.parquet's rows of imported coders with what their import measured (`IMPORTED_COLUMNS`, a trial's
+    held-out FVU and L0 for a trained coder)."""
+    fs, base = open_filesystem(run_dir)
+    if fs.get_file_info(f"{base}/{IMPORTED_TABLE}").type.name == "NotFound":
+        return coders
+    table = read_table(run_dir, IMPORTED_TABLE).set_index("coder_id")
+    for column in IMPORTED_COLUMNS:
+        values = coders["coder_id"].map(table[column])
+        coders[column] = values if column not in coders else coders[column].where(values.isna(), values)
+    return coders
 
 
 # ---- per-coder files and their settings ---------------------------------------------------------------------

@@ -7,6 +7,8 @@
     bae study      the whole study of a spec: sweep, score, report (`make quickstart`)
     bae report     the frontier table and a Markdown report with plots and the paper's claims, for a scored run
     bae score      interpretability (lexical or LLM judge), fidelity, density and ablation of every coder of a sweep
+    bae import     register coders trained elsewhere (sparsify, SAELens, a hub repo) in a run, to be scored with it
+    bae export     write a coder as a SAELens folder, checked by loading it back
 
 Each subcommand imports what it needs when it runs, so `bae --help` stays fast.
 """
@@ -19,6 +21,8 @@ import sys
 from ray_jobs.cli.cache import add_cache_parser
 from ray_jobs.cli.console import HelpFormatter, add_global_options, configure_console
 from ray_jobs.cli.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, exit_code, one_line, remote_cause, resume_command
+from ray_jobs.cli.export import add_export_parser
+from ray_jobs.cli.imports import add_import_parser
 from ray_jobs.cli.report import add_report_parser
 from ray_jobs.cli.score import add_score_parser
 from ray_jobs.cli.study import add_study_parser
@@ -45,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_score_parser,
         add_report_parser,
         add_study_parser,
+        add_import_parser,
+        add_export_parser,
     ):
         add(sub)
     for command in sub.choices.values():
