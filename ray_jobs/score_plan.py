@@ -113,6 +113,8 @@ class ScoreOptions:
             "llm_model": getattr(self.llm, "model", None),
             "llm_base_url": getattr(self.llm, "base_url", None),
             "llm_latents": self.llm_latents,
+            "llm_logprobs": getattr(self.llm, "logprobs", None),
+            "llm_constrain_answers": getattr(self.llm, "constrain_answers", None),
         }
 
     @classmethod
