@@ -7,6 +7,7 @@
     bae study      the whole study of a spec: sweep, score, report (`make quickstart`)
     bae report     the frontier table and a Markdown report with plots and the paper's claims, for a scored run
     bae score      interpretability (lexical or LLM judge), fidelity, density and ablation of every coder of a sweep
+    bae browse     a static HTML feature browser of a scored run: dictionaries, latents, their example windows
     bae import     register coders trained elsewhere (sparsify, SAELens, a hub repo) in a run, to be scored with it
     bae export     write a coder as a SAELens folder, checked by loading it back
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ray_jobs.cli.browse import add_browse_parser
 from ray_jobs.cli.cache import add_cache_parser
 from ray_jobs.cli.console import HelpFormatter, add_global_options, configure_console
 from ray_jobs.cli.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, exit_code, one_line, remote_cause, resume_command
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_sweep_parser,
         add_score_parser,
         add_report_parser,
+        add_browse_parser,
         add_study_parser,
         add_import_parser,
         add_export_parser,
