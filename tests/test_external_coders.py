@@ -256,10 +256,11 @@ def test_bae_score_scores_only_the_imported_coders_beside_the_trained_ones(
     run = tmp_path / "run"
     shutil.copytree(quickstart_run[0], run)
     assert main(["import", str(run), str(sources / "sparsify_many")]) == 0
-    assert main(["import", str(run), str(sources / "saelens_jumprelu")]) == 0
     before = {p.name: p.stat().st_mtime_ns for p in (run / "scores").glob("*.parquet")}
-    assert main(["score", str(run)]) == 0
+    # `bae score --coder SOURCE` imports SOURCE first: the same as `bae import RUN SOURCE`, then `bae score RUN`.
+    assert main(["score", str(run), "--coder", str(sources / "saelens_jumprelu")]) == 0
     err = capsys.readouterr().err
+    assert "imported imported-saelens_jumprelu (saelens:" in err
     assert "[4/4]" in err and "redoing" not in err  # 2 lexical + 2 fidelity stages: only the imported coders
     assert {p.name: p.stat().st_mtime_ns for p in (run / "scores").glob("*.parquet") if p.name in before} == before
 

@@ -24,6 +24,14 @@ def add_score_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-h", "--help", action=RunHelp, help="show this help (after RUN: with the values RUN will use)")
     p.add_argument("run", help="a run folder written by `bae sweep`")
     p.add_argument("--judge", choices=JUDGE_CHOICES, default="lexical", help="lexical, or llm as well")
+    p.add_argument(
+        "--coder",
+        action="append",
+        default=[],
+        metavar="SOURCE",
+        help="also score a coder trained elsewhere: `bae import RUN SOURCE` first (a sparsify or SAELens folder, a "
+        "hub repo id); repeatable",
+    )
     spec_option(p, "--min-examples", type=int, help="activating windows a latent needs to be scored")
     spec_option(p, "--test-windows", type=int, help="activating test windows per latent, and as many non-activating")
     spec_option(p, "--fidelity-tokens", type=int, help="held-out tokens for the spliced CE, KL and top-1")
@@ -150,6 +158,11 @@ def run_score_cmd(args: argparse.Namespace) -> int:
 
     run = storage_path(args.run)
     scored_run(run)
+    for source in args.coder:
+        from ray_jobs.import_job import import_coders
+
+        for r in import_coders(run, source, notice=lambda text: print(f"  {text}", file=sys.stderr, flush=True)):
+            print(f"imported {r['coder_id']} ({r['origin']}) at {r['hookpoint']}", file=sys.stderr, flush=True)
     tasks = plan(run)  # a missing or empty trials table is reported before Ray starts
     options = ScoreOptions.from_run(
         run,

@@ -54,6 +54,7 @@ def run_study_cmd(args: argparse.Namespace) -> int:
 
 SCORE_DEFAULTS = {
     "judge": "lexical",
+    "coder": [],
     "min_examples": None,
     "test_windows": None,
     "fidelity_tokens": None,
