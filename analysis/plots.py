@@ -5,7 +5,9 @@
 - `firing_rates`: histograms of log10(firing rate), binary and continuous coders overlaid;
 - `rate_vs_score`: each latent's firing rate against its score, one panel per family;
 - `ablation`: the relative CE increase of ablating each bin of latents against the bin's mean score;
-- `training`: train FVU and dead fraction at every logged step, one line per trial, the convergence window shaded.
+- `training`: train FVU and dead fraction at every logged step, one line per trial, the convergence window shaded;
+- `probing`: sparse probing's test accuracy against k, one line per coder family and baseline, with the
+  full-width ceiling and chance.
 """
 
 from __future__ import annotations
@@ -226,4 +228,65 @@ def training(curves: pd.DataFrame, trials: pd.DataFrame, path: Path) -> Path | N
         fontsize=9,
     )
     axes[1].set_title("dead fraction: never fired in training so far (lines), on held-out tokens (x)", fontsize=9)
+    return _save(fig, path)
+
+
+BASELINE_STYLES = {
+    "MLP neurons, top-k per token": ("#7f7f7f", "--"),
+    "MLP neurons, dense": ("#7f7f7f", ":"),
+    "raw input (transcoders encode it)": ("#17becf", "-."),
+    "raw output (SAEs encode it)": ("#9467bd", "-."),
+}
+
+
+def probing(probing_table: pd.DataFrame, path: Path) -> Path | None:
+    """Test accuracy of the k-sparse probe against k (log scale), mean over tasks with its 95% t-interval, one
+    line per coder family and baseline; the raw activations' full-width probe as horizontal lines."""
+    from analysis.probing import per_task, t_interval
+
+    if probing_table.empty:
+        return None
+    tasks = per_task(probing_table)
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    groups = list(dict.fromkeys(tasks["group"]))
+    for i, name in enumerate(groups):
+        g = tasks[tasks["group"] == name]
+        colour, style = BASELINE_STYLES.get(name, (FAMILY_COLOURS.get(name.split(" (")[0], "black"), "-"))
+        sparse = g[g["probe"] == "sparse"]
+        points = [(k, *t_interval(part["value"])) for k, part in sparse.groupby("probe_k")]
+        ks, means, lows, highs = (np.array(v, dtype=float) for v in zip(*points, strict=True))
+        errors = np.nan_to_num(np.vstack([means - lows, highs - means]))
+        dodge = ks * 1.025 ** (i - (len(groups) - 1) / 2)  # side by side, so the intervals stay readable
+        ax.errorbar(
+            dodge,
+            means,
+            yerr=errors,
+            color=colour,
+            linestyle=style,
+            marker="o",
+            ms=4,
+            capsize=2,
+            elinewidth=0.8,
+            alpha=0.85,
+            label=name,
+        )
+        full = g[g["probe"] == "full"]
+        if len(full):
+            ax.axhline(
+                full["value"].mean(),
+                color=colour,
+                linestyle=style,
+                linewidth=0.8,
+                alpha=0.6,
+                label=f"{name.split(' (')[0]}: full width",
+            )
+    ax.axhline(0.5, color="black", linewidth=0.8, alpha=0.5)
+    ax.set_xscale("log")
+    ax.set_xticks(sorted(tasks["probe_k"][tasks["probe"] == "sparse"].unique()))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("k (latents in the probe)")
+    ax.set_ylabel("test accuracy, mean over tasks (chance 0.5)")
+    ax.set_title(f"Sparse probing on {tasks['task'].nunique()} tasks (95% t-intervals over tasks)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _save(fig, path)

@@ -21,6 +21,7 @@ from analysis.claims import SPARSITY_TOLERANCE, claims_table
 from analysis.controls import control_checks, missed_controls
 from analysis.convergence import FALLING, convergence_summary, convergence_table, describe_rule
 from analysis.frontier import family, frontier_table
+from analysis.probing import probing_section
 from analysis.run import FRONTIER_TABLE, load_run, training_curves
 from bae_core.data.cache import open_filesystem, write_bytes_atomic
 from bae_core.data.paths import copy_folder, is_uri
@@ -184,6 +185,7 @@ def write_report(run_dir: str, out_dir: str | None = None) -> Path | str:
         "firing rate vs score": plots.rate_vs_score(latents, coders, out / "rate_vs_score.png", LABEL),
         "ablation by score": plots.ablation(tables.ablation, coders, out / "ablation.png"),
         "training": plots.training(curves, trials, out / "training.png"),
+        "sparse probing": plots.probing(tables.probing, out / "probing.png"),
     }
     claims = claims_table(coders, latents)
     text = _render(run_dir, tables, frontier, claims, figures, convergence)
@@ -332,6 +334,8 @@ def _render(run_dir, tables, frontier, claims, figures, convergence) -> str:
                 "",
             ]
         parts += [_markdown(_convergence_summary(convergence)), ""]
+    probing = figures.get("sparse probing")
+    parts += probing_section(tables.probing, probing.name if probing else None, str(run_dir))
     seeds = seeds_summary(coders)
     if not seeds.empty:
         parts += ["## Across seeds", "", "Mean ± standard deviation over seeds, per setting.", "", _markdown(seeds), ""]

@@ -5,6 +5,7 @@ RUN/latents.parquet    one row per latent of every dictionary (`bae score`)
 RUN/coders.parquet     one row per dictionary: density, fidelity, aggregated scores (`bae score`)
 RUN/ablation.parquet   one row per (coder, bin) of the ablation by score (`bae score`)
 RUN/density.parquet    log10 firing-rate histograms (`bae score`)
+RUN/probing.parquet    one row per (dictionary, task, k) of sparse probing (`bae probe`; empty until it has run)
 RUN/frontier.parquet   the reconstruction-interpretability frontier (`bae report`, or computed on load)
 CHECKPOINT/training_log.parquet   a trial's training metrics every `training.log_every` steps (`training_curves`)
 
@@ -15,7 +16,7 @@ trials.parquet stores checkpoints, and a cache inside the run, relative to the r
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
@@ -40,6 +41,8 @@ class RunTables:
     coders: pd.DataFrame
     ablation: pd.DataFrame
     density: pd.DataFrame
+    probing: pd.DataFrame = field(default_factory=pd.DataFrame)
+    """Sparse probing (`bae probe`), one row per (dictionary, task, probe size)."""
 
     @property
     def scored(self) -> bool:
@@ -73,7 +76,9 @@ def load_run(path: str) -> RunTables:
     frontier = _read(fs, base, FRONTIER_TABLE)
     if frontier is None:
         frontier = frontier_table(tables["coders"]) if not tables["coders"].empty else pd.DataFrame()
-    return RunTables(path=path, trials=trials, frontier=frontier, **tables)
+    probing = _read(fs, base, "probing.parquet")
+    probing = pd.DataFrame() if probing is None else probing
+    return RunTables(path=path, trials=trials, frontier=frontier, probing=probing, **tables)
 
 
 def resolve_paths(trials: pd.DataFrame, run: str) -> pd.DataFrame:

@@ -205,6 +205,9 @@ def write_tables(run_dir: str, tasks: list[ScoreTask] | None = None):
     kept = [c for c in TRIAL_COLUMNS if c in trials.columns and c not in coders.columns]
     coders = coders.merge(trials[["trial_id", *kept]], on="trial_id", how="left")
     coders = with_imported_columns(run_dir, coders)
+    from ray_jobs.probe_job import with_probing  # the sparse-probing means, when `bae probe` has run
+
+    coders = with_probing(run_dir, coders)
     write_parquet_atomic(run_dir, CODERS_TABLE, coders)
     ablation = pd.DataFrame([{"coder_id": k, **row} for k, v in evaluations.items() for row in v["ablation"]])
     write_parquet_atomic(run_dir, ABLATION_TABLE, ablation)

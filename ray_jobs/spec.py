@@ -14,6 +14,7 @@ the search algorithm, the training budget per trial and the resources per trial:
     search: {algorithm: grid, objectives: {fvu: min}, max_concurrent: 2}
     training: {steps: 500, batch_size: 1024, checkpoint_every: 100, log_every: 10, eval_tokens: 16384}
     resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0, max_failures: 2}
+    probing: {tasks: all, ks: [1, 2, 5, 20]}   # optional: `bae probe`'s defaults (scoring: `bae score`'s)
 
 Every error names the field (dotted, e.g. `search.algorithm`) and what is allowed there.
 Nothing here imports Ray: specs validate on a laptop without a cluster.
@@ -31,6 +32,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveInt, ValidationError
 
 from bae_core.coders.config import CoderConfig
+from bae_core.evaluation import probing
 from bae_core.training import TrainConfig
 from ray_jobs.cache_job import CacheRequest
 
@@ -132,6 +134,22 @@ class ScoringSpec(_Section):
     CPUs with bf16 matrix units, at the cost of rounding in the CE)."""
 
 
+class ProbingSpec(_Section):
+    """`bae probe`: sparse probing on labelled text tasks (evaluation.md §7); each can be overridden on its
+    command line."""
+
+    tasks: list[str] | Literal["all"] = Field(default_factory=lambda: list(probing.DEFAULT_TASKS), min_length=1)
+    """Binary tasks of the sae-probes wheel (e.g. 113_movie_sent, or movie_sent), or `all` (113 tasks)."""
+    ks: list[PositiveInt] = Field(default_factory=lambda: list(probing.DEFAULT_KS), min_length=1)
+    """Latents per probe."""
+    max_examples: int = Field(probing.DEFAULT_MAX_EXAMPLES, ge=6)
+    """Prompts per task, half of each class; a third of them test."""
+    max_tokens: PositiveInt = probing.DEFAULT_MAX_TOKENS
+    """A longer prompt keeps its last this many tokens."""
+    seed: int = 0
+    """Seed of the prompts' draw and split."""
+
+
 class SweepSpec(_Section):
     """A whole sweep; `load_spec` reads one from YAML."""
 
@@ -148,6 +166,7 @@ class SweepSpec(_Section):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     scoring: ScoringSpec = Field(default_factory=ScoringSpec)
+    probing: ProbingSpec = Field(default_factory=ProbingSpec)
 
     # ---- derived --------------------------------------------------------------------------------
 

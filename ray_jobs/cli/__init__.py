@@ -8,6 +8,7 @@
     bae report     the frontier table and a Markdown report with plots and the paper's claims, for a scored run
     bae score      interpretability (lexical or LLM judge), fidelity, density and ablation of every coder of a sweep
     bae browse     a static HTML feature browser of a scored run: dictionaries, latents, their example windows
+    bae probe      sparse probing of every dictionary of a run on labelled text tasks (accuracy at k = 1, 2, 5, 20)
     bae import     register coders trained elsewhere (sparsify, SAELens, a hub repo) in a run, to be scored with it
     bae export     write a coder as a SAELens folder, checked by loading it back
 
@@ -25,6 +26,7 @@ from ray_jobs.cli.console import HelpFormatter, add_global_options, configure_co
 from ray_jobs.cli.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, exit_code, one_line, remote_cause, resume_command
 from ray_jobs.cli.export import add_export_parser
 from ray_jobs.cli.imports import add_import_parser
+from ray_jobs.cli.probe import add_probe_parser
 from ray_jobs.cli.report import add_report_parser
 from ray_jobs.cli.score import add_score_parser
 from ray_jobs.cli.study import add_study_parser
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_train_parser,
         add_sweep_parser,
         add_score_parser,
+        add_probe_parser,
         add_report_parser,
         add_browse_parser,
         add_study_parser,
