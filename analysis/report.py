@@ -21,6 +21,7 @@ from analysis.claims import SPARSITY_TOLERANCE, claims_table
 from analysis.controls import control_checks, missed_controls
 from analysis.convergence import FALLING, convergence_summary, convergence_table, describe_rule
 from analysis.frontier import family, frontier_table
+from analysis.llm_judge import llm_judge_section
 from analysis.probing import probing_section
 from analysis.run import FRONTIER_TABLE, load_run, training_curves
 from bae_core.data.cache import open_filesystem, write_bytes_atomic
@@ -67,7 +68,14 @@ def _coders_summary(coders: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for r in coders.to_dict("records"):
         trained = isinstance(r.get("trial_id"), str)
-        name = family(r["activation"], r["kind"]) if trained else DICTIONARY_LABELS.get(r.get("dictionary"), "")
+        imported = isinstance(r.get("origin"), str) and r["origin"] != "run"
+        if trained or imported:
+            name = family(r["activation"], r["kind"])
+            if imported:
+                name += f" ({r['origin'].split(':', 1)[0]} import)"  # e.g. "continuous SAE (sparsify import)"
+        else:
+            name = DICTIONARY_LABELS.get(r.get("dictionary"), "")
+        trained = trained or imported
         if r.get("underpowered"):
             name += " **(underpowered)**"
         rows.append(
@@ -196,6 +204,20 @@ def write_report(run_dir: str, out_dir: str | None = None) -> Path | str:
     return path
 
 
+def _browser_line(run_dir) -> str:
+    """A link to the run's feature browser (`bae browse`), or how to write it."""
+    fs, base = open_filesystem(str(run_dir))
+    if fs.get_file_info(f"{base}/browse/index.html").type.name != "NotFound":
+        return (
+            "Feature browser: [browse/index.html](../browse/index.html) (every dictionary's latents with their "
+            "explanations, scores, sample sizes and held-out example windows; `bae browse RUN` updates it)."
+        )
+    return (
+        "Feature browser: run `bae browse RUN` to write RUN/browse/index.html (every latent's explanation, scores "
+        "and held-out example windows)."
+    )
+
+
 def _scale(trials: pd.DataFrame) -> str:
     finished = trials[trials["status"] == "finished"]
     seeds = finished["seed"].nunique() if "seed" in finished else 1
@@ -236,6 +258,8 @@ def _render(run_dir, tables, frontier, claims, figures, convergence) -> str:
         parts += [f"> **Warning: {warning}**", ""]
     parts += [
         "\n".join(f"- **{k}**: {v}" for k, v in settings.items() if v not in (None, "")),
+        "",
+        _browser_line(run_dir),
         "",
         "## What the interpretability score is, and is not",
         "",
@@ -288,6 +312,9 @@ def _render(run_dir, tables, frontier, claims, figures, convergence) -> str:
         "",
         _markdown(_coders_summary(coders)),
         "",
+    ]
+    parts += llm_judge_section(coders, tables.latents)
+    parts += [
         "## Frontier",
         "",
     ]

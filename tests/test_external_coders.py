@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from analysis.report import write_report
 from bae_core.coders.coder import SparseCoder
 from bae_core.coders.config import CoderConfig
 from bae_core.data.reader import iter_activation_batches
@@ -278,6 +279,11 @@ def test_bae_score_scores_only_the_imported_coders_beside_the_trained_ones(
         assert copy[column] == pytest.approx(original[column], rel=1e-5), column
     mine, theirs = (latents[latents.coder_id == c].set_index("latent") for c in (copy.name, original.name))
     assert mine["token_auroc"].equals(theirs["token_auroc"]) and (mine["origin"] != "run").all()
+    # The report names them by family and origin, with their k and FVU.
+    report = write_report(str(run)).read_text()
+    row = next(line for line in report.splitlines() if "continuous SAE (sparsify import)" in line)
+    assert f"| {copy.k} |" in row and f"{copy.fvu:.3f}" in row
+    assert "(saelens import)" in report
 
 
 def test_export_to_saelens_round_trips(quickstart_run, tmp_path, capsys):
