@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bae_core import ACTIVATIONS, CoderConfig, TrainConfig, Trainer, build_coder  # noqa: E402
 from bae_core.coders.config import GROUP_ACTIVATIONS  # noqa: E402
@@ -166,25 +167,10 @@ def _bare_matmul(x, d_in: int, latents: int, device: torch.device):
 
 
 def _sparsify_step(x, d_in: int, latents: int, k: int, lr: float, device: torch.device):
-    from schedulefree import ScheduleFreeWrapper
-    from sparsify import SparseCoder, SparseCoderConfig
-    from sparsify.sign_sgd import SignSGD
+    """sparsify's `SparseCoder` stepped as its trainer does (benchmarks/train_throughput.py), on `device`."""
+    from train_throughput import sparsify_step
 
-    torch.manual_seed(0)
-    sae = SparseCoder(d_in, SparseCoderConfig(activation="topk", k=k, num_latents=latents), device=device)
-    opt = ScheduleFreeWrapper(SignSGD(sae.parameters(), lr), momentum=0.95)
-    opt.train()
-
-    def step():
-        with autocast(device, "bf16"):
-            out = sae(x)
-        out.fvu.backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
-        opt.step()
-        opt.zero_grad()
-        sae.set_decoder_norm_to_unit_norm()
-
-    return step
+    return sparsify_step(x, argparse.Namespace(d_in=d_in, k=k, latents=latents), "bf16", lr, str(device))
 
 
 def _our_step(x, d_in: int, latents: int, k: int, activation: str, lr: float, device: torch.device):

@@ -58,8 +58,8 @@ def time_round_robin(steps_by_name: dict, steps: int) -> dict[str, list[float]]:
     return times
 
 
-def autocast(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+def autocast(precision: str, device: str = "cpu"):
+    return torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
 def bare_matmul(x, args, precision: str):
@@ -76,15 +76,16 @@ def bare_matmul(x, args, precision: str):
     return step
 
 
-def sparsify_step(x, args, precision: str, lr: float):
+def sparsify_step(x, args, precision: str, lr: float, device: str = "cpu"):
     """What sparsify's trainer does per step (its own autocast only targets CUDA, so ours wraps the forward)."""
     torch.manual_seed(0)
-    sae = SparseCoder(args.d_in, SparseCoderConfig(activation="topk", k=args.k, num_latents=args.latents))
+    cfg = SparseCoderConfig(activation="topk", k=args.k, num_latents=args.latents)
+    sae = SparseCoder(args.d_in, cfg, device=device)
     opt = ScheduleFreeWrapper(SignSGD(sae.parameters(), lr), momentum=0.95)
     opt.train()
 
     def step():
-        with autocast(precision):
+        with autocast(precision, torch.device(device).type):
             out = sae(x)
         out.fvu.backward()
         sae.remove_gradient_parallel_to_decoder_directions()
