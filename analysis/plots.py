@@ -7,7 +7,7 @@
 - `ablation`: the relative CE increase of ablating each bin of latents against the bin's mean score;
 - `training`: train FVU and dead fraction at every logged step, one line per trial, the convergence window shaded;
 - `probing`: sparse probing's test accuracy against k, one line per coder family and baseline, with the
-  full-width ceiling and chance.
+  full-width probe and chance.
 """
 
 from __future__ import annotations

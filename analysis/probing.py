@@ -83,10 +83,12 @@ def _cell(mean: float, low: float, high: float) -> str:
     return f"{mean:.3f} [{low:.3f}, {high:.3f}]" if math.isfinite(low) else f"{mean:.3f}"
 
 
-def family_table(probing: pd.DataFrame, ks=(1, 5)) -> pd.DataFrame:
+def family_table(probing: pd.DataFrame, ks=None) -> pd.DataFrame:
     """Per group (coder family or baseline): dictionaries, tasks, and the mean test accuracy of the k-sparse probe
-    with its 95% t-interval over tasks for each k of `ks`, the shuffled-label control at the first k, and for
-    the raw baselines the full-width probe (every feature; SAEBench's ceiling)."""
+    with its 95% t-interval over tasks for each k of `ks` (default: every k probed), the shuffled-label control at
+    the first k, and for the raw baselines the full-width probe (every feature; a dense readout, not a ceiling)."""
+    if ks is None:
+        ks = sorted(probing.loc[probing["probe"] == "sparse", "probe_k"].unique())
     tasks = per_task(probing)
     shuffled = per_task(probing, "shuffled_accuracy")
     present, known = set(tasks["group"]), {*_families(), *BASELINES.values()}
@@ -111,23 +113,33 @@ def _families() -> list[str]:
     return [f"{latents} {kind}" for kind in ("SAE", "transcoder") for latents in ("binary", "continuous")]
 
 
-def binary_vs_continuous(probing: pd.DataFrame, k: int) -> dict:
-    """Binary minus continuous k-sparse probe accuracy on pairs of trained coders that differ only in their
-    activation (same `analysis.claims.MATCH`: hookpoint, kind, k, dictionary size and seed): per task the mean
-    over pairs, then the mean over tasks with its 95% t-interval. Keys: `difference`, `low`, `high`, `tasks`,
-    `pairs`, `verdict` (binary better, continuous better, or inconclusive when the interval holds zero)."""
+def binary_vs_continuous(probing: pd.DataFrame, k: int, metric: str = "accuracy") -> dict:
+    """Binary minus continuous k-sparse probe `metric` (accuracy or auroc) on pairs of trained coders that differ
+    only in their activation (same `analysis.claims.MATCH`: hookpoint, kind, k, dictionary size and seed): per task
+    the mean over pairs, then the mean over tasks with its 95% t-interval. Keys: `difference`, `low`, `high`,
+    `tasks`, `binary_ahead` (tasks where binary is ahead), `pairs`, `verdict` (binary better, continuous better, or
+    inconclusive when the interval holds zero)."""
     coders = ~probing["activation"].isin(list(BASELINES))
     rows = probing[(probing["probe"] == "sparse") & (probing["probe_k"] == k) & coders]
     rows = rows.assign(binary=rows["activation"].isin(BINARY_ACTIVATIONS))
     keys = [c for c in (*MATCH, "task") if c in rows.columns]
     pairs = rows[rows["binary"]].merge(rows[~rows["binary"]], on=keys, suffixes=("_b", "_c"))
     if pairs.empty:
-        return {"difference": math.nan, "low": math.nan, "high": math.nan, "tasks": 0, "pairs": 0, "verdict": "–"}
-    per = (pairs["accuracy_b"] - pairs["accuracy_c"]).groupby(pairs["task"]).mean()
+        empty = {"difference": math.nan, "low": math.nan, "high": math.nan, "tasks": 0, "binary_ahead": 0}
+        return {**empty, "pairs": 0, "verdict": "–"}
+    per = (pairs[f"{metric}_b"] - pairs[f"{metric}_c"]).groupby(pairs["task"]).mean()
     mean, low, high = t_interval(per)
     verdict = "binary better" if low > 0 else "continuous better" if high < 0 else "inconclusive"
     n_pairs = len(pairs.drop_duplicates(["coder_id_b", "coder_id_c"]))
-    return {"difference": mean, "low": low, "high": high, "tasks": len(per), "pairs": n_pairs, "verdict": verdict}
+    return {
+        "difference": mean,
+        "low": low,
+        "high": high,
+        "tasks": len(per),
+        "binary_ahead": int((per > 0).sum()),
+        "pairs": n_pairs,
+        "verdict": verdict,
+    }
 
 
 def probing_section(probing: pd.DataFrame, figure: str | None, run: str = "RUN") -> list[str]:
@@ -141,34 +153,39 @@ def probing_section(probing: pd.DataFrame, figure: str | None, run: str = "RUN")
     n_train, n_test = int(sparse["n_train"].median()), int(sparse["n_test"].median())
     parts += [
         "Do a dictionary's latents, one or a few at a time, tell apart the two classes of a labelled text task? Per "
-        "task (binary classification tasks of the sae-probes wheel, SAEBench's sparse probing), the hookpoint's "
-        "activation at each prompt's last token is encoded; the k latents with the largest class-mean difference "
-        f"on the training prompts are chosen and a logistic regression on them is tested on held-out prompts "
-        f"({sparse['task'].nunique()} tasks, median {n_train} training and {n_test} test prompts per task, balanced: "
-        "chance is 0.5). Baselines get the same probe: the raw activations (the one each coder encodes), and the "
-        "MLP's neurons; `full width` is a logistic regression on every raw feature, the ceiling. The shuffled "
-        "control fits the probe on shuffled training labels (expect 0.5). Intervals: 95% Student-t over tasks "
-        "(a task's number is the mean over the group's dictionaries); they do not include seed-to-seed spread. "
-        "The selection ranks latents by the difference of their class means, in their own units: for a binary latent "
-        "that is the difference of firing rates, for a continuous one it grows with its scale, so a large latent that "
-        "separates the classes poorly can be chosen first (at k = 1 especially).",
+        "task (binary classification tasks of the sae-probes wheel: Kantamneni et al.'s protocol, which SAEBench "
+        "runs as sparse_probing_sae_probes), the hookpoint's activation at each prompt's last token is encoded; each "
+        "feature is divided by its mean non-zero |value| on the training prompts (as sae-probes does, so that a "
+        "binary latent's firing rates and a large continuous latent's values are ranked on one scale), the k with the "
+        "largest class-mean difference are chosen and a logistic regression on them is tested on held-out prompts "
+        f"({sparse['task'].nunique()} tasks, median {n_train} training and {n_test} test prompts per task, distinct "
+        "prompts, balanced: chance is 0.5). Baselines get the same probe: the raw activations (the one each coder "
+        "encodes) and the MLP's neurons; `full width` is a cross-validated logistic regression on every raw feature, "
+        "a dense readout of these prompts, not a ceiling. The shuffled control fits the probe on shuffled training "
+        "labels (expect 0.5). Intervals: 95% Student-t over tasks (a task's number is the mean over the group's "
+        "dictionaries); the tasks differ in difficulty far more than the groups do, so compare groups with the "
+        "paired differences below, not by overlapping intervals. They do not include seed-to-seed spread.",
         "",
     ]
     if figure:
         parts += [f"![sparse probing]({figure})", ""]
     parts += [_markdown(family_table(probing)), ""]
     lines = []
-    for k in (1, 5):
-        d = binary_vs_continuous(probing, k)
-        if d["pairs"]:
-            lines.append(
-                f"- k = {k}: binary - continuous accuracy {d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] "
-                f"over {d['tasks']} tasks ({d['pairs']} matched pairs of coders): **{d['verdict']}**"
-            )
+    for metric in ("accuracy", "auroc"):
+        for k in sorted(sparse["probe_k"].unique()):
+            d = binary_vs_continuous(probing, k, metric)
+            if d["pairs"]:
+                lines.append(
+                    f"- {metric}, k = {k}: binary - continuous {d['difference']:+.3f} [{d['low']:+.3f}, "
+                    f"{d['high']:+.3f}] over {d['tasks']} tasks (binary ahead on {d['binary_ahead']}; "
+                    f"{d['pairs']} matched pairs of coders): **{d['verdict']}**"
+                )
     if lines:
         parts += [
             "Binary against continuous latents, on coders that differ only in their activation (same hookpoint, "
-            "kind, k, dictionary size and seed):",
+            "kind, k, dictionary size and seed). Every probe size and both metrics are listed; with this many "
+            "comparisons one interval that excludes zero is weaker evidence than it looks, and a difference that "
+            "changes sign with k is no verdict on either:",
             "",
             *lines,
             "",

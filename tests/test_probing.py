@@ -7,9 +7,10 @@ import shutil
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from analysis.probing import probing_section
-from bae_core.evaluation.probing import probe
+from bae_core.evaluation.probing import load_task, probe, select_latents
 from ray_jobs.cli import main
 
 TASKS = ["5_hist_fig_ismale", "athlete_sport_football"]  # short prompts; the second by its name without number
@@ -31,6 +32,30 @@ def test_a_planted_latent_is_found_and_the_shuffled_control_is_at_chance():
     noise = probe(x, rng.permutation(labels), train, [1, 5], seed=0, full=True)  # labels nothing encodes
     assert all(abs(r["accuracy"] - 0.5) < 0.15 for r in noise)
     assert noise[-1]["probe"] == "full" and noise[-1]["probe_k"] == 64
+
+
+def test_a_large_feature_that_separates_poorly_is_not_chosen_over_a_small_one_that_separates_well():
+    # A massive-activation dimension of a residual stream: scale 50, a shift of 10 between the classes (d = 0.2).
+    # The informative one: scale 1, a shift of 1 (d = 1). By raw mean difference the first would win.
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 2000)
+    x = rng.normal(size=(2000, 8))
+    x[:, 3] = rng.normal(size=2000) * 50 + 10 * labels
+    x[:, 6] += labels
+    raw = np.abs(x[labels == 1].mean(0) - x[labels == 0].mean(0))
+    assert raw.argmax() == 3  # what ranking in the features' own units would choose
+    assert select_latents(x, labels, 1)[0].tolist() == [6]
+    # A binary latent (mean |value| 1 where it fires) keeps its difference of firing rates.
+    binary = (rng.random((2000, 4)) < 0.1).astype(float)
+    binary[:, 2] = labels
+    chosen, differences = select_latents(binary, labels, 1)
+    assert chosen.tolist() == [2] and differences[0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_task_draws_each_distinct_prompt_once_so_none_is_both_trained_and_tested_on():
+    task = load_task("154_athlete_sport_football", max_examples=600)  # the wheel repeats some of its prompts
+    assert len(set(task.prompts)) == len(task.prompts)
+    assert not set(np.array(task.prompts)[task.train]) & set(np.array(task.prompts)[~task.train])
 
 
 def test_the_report_says_how_to_probe_when_nothing_was_probed():
@@ -86,5 +111,6 @@ def test_bae_probe_on_the_quickstart_run(quickstart_run, local_ray, tmp_path, ca
     assert not load_run(str(run)).probing.empty
     report = write_report(str(run)).read_text()
     section = report[report.index("## Sparse probing") :]
-    assert "| binary SAE | 2 | 2 |" in section and "binary - continuous accuracy" in section
+    assert "| binary SAE | 2 | 2 |" in section and "- accuracy, k = 1: binary - continuous" in section
+    assert "- auroc, k = 2: binary - continuous" in section and "binary ahead on" in section
     assert (run / "report" / "probing.png").stat().st_size > 0

@@ -1,11 +1,13 @@
-"""Sparse probing on labelled text tasks (SAEBench's sparse_probing; Kantamneni et al. 2025, arXiv 2502.16681;
-evaluation.md §7): can k latents of a dictionary, chosen on training prompts, tell a task's two classes apart?
+"""Sparse probing on labelled text tasks (Kantamneni et al. 2025, arXiv 2502.16681, the sae-probes protocol that
+SAEBench runs as sparse_probing_sae_probes; evaluation.md §7): can k latents of a dictionary, chosen on training
+prompts, tell a task's two classes apart?
 
     a task of the sae-probes wheel (prompt, target)   binary tasks only; balanced, capped, split train/test
       -> the language model at the hookpoint, at each prompt's last real token (`last_token_activations`)
       -> a dictionary's features there: a coder's code (`coder_features`), the MLP's neurons (`neuron_features`)
          or the raw activations
-      -> per k: the k features with the largest |class-mean difference| on the training split, a logistic
+      -> per k: the k features with the largest |class-mean difference| on the training split (each divided by its
+         mean non-zero |value| first, as sae-probes does), a logistic
          regression on them, its test accuracy and AUROC, and the same with shuffled training labels (`probe`)
 
 The tasks ship offline inside the `sae-probes` wheel (`sae_probes/data/cleaned_data/*.csv.zst`); the folder is
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-PROBING_VERSION = 1
+PROBING_VERSION = 2
 """Bumped when a change alters probing numbers; results made by another version are recomputed."""
 INSTALL_HINT = "pip install --no-deps sae-probes==0.4.2 (the Makefile's install target does it)"
 DEFAULT_TASKS = (
@@ -146,9 +148,13 @@ class ProbeData:
 
 
 def load_task(name: str, max_examples: int = DEFAULT_MAX_EXAMPLES, seed: int = 0) -> ProbeData:
-    """Up to `max_examples` prompts of a binary task, half of each class (fewer when a class has fewer), drawn
-    with a seed of (seed, task), each class split train/test in the ratio 2:1."""
+    """Up to `max_examples` distinct prompts of a binary task, half of each class (fewer when a class has fewer),
+    drawn with a seed of (seed, task), each class split train/test in the ratio 2:1."""
     frame = read_task(name)
+    # A prompt that occurs more than once could land on both sides of the split (the test would then score
+    # memorised training prompts): each distinct prompt is kept once, and one given both labels is dropped.
+    labels_per_prompt = frame.groupby("prompt")["target"].nunique()
+    frame = frame[frame["prompt"].map(labels_per_prompt) == 1].drop_duplicates("prompt")
     values = sorted(frame["target"].unique())
     if len(values) != 2:
         raise ValueError(f"task {name!r}: its target has {len(values)} values; probing takes binary tasks only")
@@ -237,10 +243,24 @@ def neuron_features(loaded, hookpoint, mlp_input: np.ndarray, k: int | None = No
 # ---- the probe -----------------------------------------------------------------------------------------------
 
 
+def mean_activation_scale(x: np.ndarray) -> np.ndarray:
+    """Each feature's mean |value| where it is non-zero (sae-probes' `mean_act_normalization`): 1 for a binary
+    latent, a continuous latent's typical activation, a raw dimension's typical magnitude."""
+    nonzero = (x != 0).sum(0)
+    return np.abs(x).sum(0) / (nonzero + 1e-6) + 1e-6
+
+
 def select_latents(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k features with the largest absolute difference of class means on (x, labels), largest first (ties:
-    the lower index), and those differences (signed: positive class minus negative)."""
+    """The k features with the largest absolute difference of class means on (x, labels), each feature first
+    divided by its mean non-zero |value| on x (`mean_activation_scale`, as sae-probes ranks them), largest first
+    (ties: the lower index), and those differences (signed: positive class minus negative, in those units).
+
+    Without the scaling the ranking is in each feature's own units: a binary latent's difference of firing rates
+    against a continuous latent's, or a raw dimension's, that grows with its scale, so a large feature that
+    separates the classes poorly (a massive-activation dimension of the residual stream, the largest latent of a
+    dictionary) would be chosen first."""
     labels = np.asarray(labels).astype(bool)
+    x = x / mean_activation_scale(x)
     difference = x[labels].mean(0) - x[~labels].mean(0)
     order = np.lexsort((np.arange(len(difference)), -np.abs(difference)))[:k]
     return order, difference[order]
@@ -273,7 +293,8 @@ def probe(x: np.ndarray, labels: np.ndarray, train: np.ndarray, ks, *, seed: int
     tested on the true labels and averaged over `SHUFFLES` shuffles (expect ~0.5; one shuffle alone can land far
     from it when a feature separates the classes well, since the sign its probe learns is random). With `full`,
     also a row with `probe` "full": a logistic regression on every feature, its C cross-validated among `FULL_CS`
-    (SAEBench's ceiling on raw activations). `n_train` and `n_test` are the split's sizes."""
+    (on the raw activations: what a dense readout of every feature reaches with these prompts, not a ceiling).
+    `n_train` and `n_test` are the split's sizes."""
     x = np.asarray(x, dtype=np.float64)
     labels, train = np.asarray(labels).astype(np.int64), np.asarray(train).astype(bool)
     if max(ks) > x.shape[1]:

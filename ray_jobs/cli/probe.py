@@ -16,7 +16,8 @@ def add_probe_parser(sub: argparse._SubParsersAction) -> None:
         description="For every trained coder of RUN, the MLP-neuron baselines and the raw activations: encode the "
         "hookpoint's activation at the last token of each prompt of binary text-classification tasks (the sae-probes "
         "wheel, offline), choose the k latents with the largest class-mean difference on the training prompts, fit "
-        "a logistic regression on them and test it on held-out prompts (SAEBench's sparse probing). Writes "
+        "a logistic regression on them and test it on held-out prompts "
+        "(Kantamneni et al.'s sae-probes protocol, SAEBench's sparse_probing_sae_probes). Writes "
         "RUN/probing.parquet and adds per-coder mean accuracies with 95% t-intervals over tasks to "
         "RUN/coders.parquet; running it again does only what is missing or was made with other settings. Defaults "
         "come from the sweep spec's `probing` section.",
