@@ -185,7 +185,8 @@ def probing_section(probing: pd.DataFrame, figure: str | None, run: str = "RUN")
             "Binary against continuous latents, on coders that differ only in their activation (same hookpoint, "
             "kind, k, dictionary size and seed). Every probe size and both metrics are listed; with this many "
             "comparisons one interval that excludes zero is weaker evidence than it looks, and a difference that "
-            "changes sign with k is no verdict on either:",
+            "changes sign with k is no verdict on either. A probe on one binary latent has only two scores, so its "
+            "AUROC is its balanced accuracy, while one continuous latent can rank the prompts:",
             "",
             *lines,
             "",
