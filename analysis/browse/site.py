@@ -1,6 +1,6 @@
 """Writing the feature browser of a scored run: a static site that opens from disk (file://), no server.
 
-    OUT/index.html, coder.html, latent.html, compare.html   one template per kind of page (package data, copied)
+    OUT/index.html, coder.html, latent.html, compare.html   one kind of page each, from static/page.html (package data)
     OUT/browse.js, browse.css, <page>.js                      the pages' code: every text is set with textContent
     OUT/data/run.js                    the run and its dictionaries: key numbers, scoring settings, coder pairs
     OUT/data/text-<i>.js               a cache's held-out windows (token strings) and the side-by-side documents
@@ -37,8 +37,9 @@ BROWSER_VERSION = 1
 """Version of the data files; a dictionary's files made by another version are redone."""
 CHUNK = 256
 """Latents per examples file."""
-PAGES = ("index", "coder", "latent", "compare")
-STATIC = (*(f"{p}.html" for p in PAGES), *(f"{p}.js" for p in PAGES), "browse.js", "browse.css")
+PAGES = {"index": "coders", "coder": "coder", "latent": "latent", "compare": "binary vs continuous"}
+"""The kinds of page and their titles: each is static/page.html with its title and its script (PAGE.js)."""
+STATIC = (*(f"{p}.js" for p in PAGES), "browse.js", "browse.css")
 LATENT_COLUMNS = (
     "latent", "explanation", "rules", "token_auroc", "window_auroc", "window_balanced_accuracy", "window_f1",
     "shuffled_token_auroc", "shuffled_window_auroc", "firing_count", "firing_rate", "activating_windows",
@@ -230,6 +231,9 @@ def write_browser(
     static = resources.files("analysis.browse") / "static"
     for name in STATIC:
         (root / name).write_text((static / name).read_text(encoding="utf-8"), encoding="utf-8")
+    template = (static / "page.html").read_text(encoding="utf-8")
+    for page, title in PAGES.items():
+        (root / f"{page}.html").write_text(template.format(title=title, page=page), encoding="utf-8")
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     return BrowseSummary(root / "index.html", len(dicts), sum(d["examples"] for d in dicts), redone, size, mismatched)
 
