@@ -112,6 +112,11 @@ class ResourcesSpec(_Section):
     """Fractional values (e.g. 0.25) pack several small coders onto one GPU."""
     max_failures: NonNegativeInt = 2
     """Retries of a failed trial, each from its last checkpoint."""
+    coders_per_trial: PositiveInt = 1
+    """Grid search: up to this many coders in one Tune trial when they read the same stream (the same hookpoint
+    and the same `seed`, hence the same batches): each batch is read and decoded once and stepped through all of
+    them. trials.parquet still has one row per coder; a failed or interrupted trial resumes (or is lost) as a
+    group. With one worker only (a data-parallel trial trains one coder)."""
 
 
 class ScoringSpec(_Section):
@@ -132,6 +137,9 @@ class ScoringSpec(_Section):
     lm_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """`bae score`: the language model's precision for fidelity and ablation (bfloat16 is about 3x faster on
     CPUs with bf16 matrix units, at the cost of rounding in the CE)."""
+    gpus_per_task: NonNegativeFloat = 0.0
+    """`bae score` and `bae probe`: GPUs for each task that runs the language model (spliced fidelity and
+    ablation, probing's activations); fractional values (e.g. 0.25) share one GPU between tasks. 0: CPUs."""
 
 
 class ProbingSpec(_Section):
@@ -186,9 +194,32 @@ class SweepSpec(_Section):
         return list(self.space.get("hookpoint") or self.cache["hookpoints"])
 
     def num_trials(self) -> int:
+        """Coders the sweep trains: the rows of trials.parquet."""
         if self.search.algorithm == "optuna":
             return self.search.num_samples
         return len(self.grid()) * self.search.num_samples
+
+    def num_tune_trials(self) -> int:
+        """Tune trials: `num_trials()` unless `resources.coders_per_trial` groups coders."""
+        if self.search.algorithm == "optuna":
+            return self.search.num_samples
+        return len(self.trial_groups()) * self.search.num_samples
+
+    def stream_key(self, point: dict[str, Any]) -> tuple[str, int]:
+        """What fixes a coder's training batches: its hookpoint and its seed (the batch size and the steps are the
+        same for every trial)."""
+        hookpoint, _, train = self.trial_settings(point)
+        return hookpoint, int(train.get("seed", 0))
+
+    def trial_groups(self) -> list[list[dict[str, Any]]]:
+        """The grid's points as Tune trials: points of one stream (`stream_key`), at most
+        `resources.coders_per_trial` per trial, each group in grid order and the groups in the order of their
+        first point."""
+        size = self.resources.coders_per_trial
+        streams: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for point in self.grid():
+            streams.setdefault(self.stream_key(point), []).append(point)
+        return [points[i : i + size] for points in streams.values() for i in range(0, len(points), size)]
 
     def grid(self) -> list[dict[str, Any]]:
         """Every combination of the space's lists, in spec order (grid search only)."""
@@ -244,6 +275,16 @@ class SweepSpec(_Section):
             raise SpecError(
                 f"scoring.trial_latents: search.objectives names {lexical[0]}, which trials measure on "
                 "scoring.trial_latents sampled latents; give it a positive number (e.g. 256)"
+            )
+        if self.resources.coders_per_trial > 1 and self.search.algorithm != "grid":
+            raise SpecError(
+                f"resources.coders_per_trial: {self.resources.coders_per_trial} groups grid points that share a "
+                "stream; with search.algorithm: optuna every trial is one suggested point (use 1)"
+            )
+        if self.resources.coders_per_trial > 1 and self.resources.workers > 1:
+            raise SpecError(
+                f"resources.coders_per_trial: {self.resources.coders_per_trial} needs resources.workers: 1; a "
+                f"data-parallel trial (workers={self.resources.workers}) trains one coder"
             )
         if self.resources.workers > 1 and self.training.batch_size % self.resources.workers:
             raise SpecError(

@@ -56,6 +56,7 @@ RESUMABLE_CHANGES = (
     "scoring.ablation_bins",
     "scoring.lm_batch_size",
     "scoring.lm_dtype",
+    "scoring.gpus_per_task",
     "probing",  # read by `bae probe` only
 )
 
