@@ -1,14 +1,16 @@
-"""`bae sweep SPEC.yaml`: Ray Tune over coder and training settings, one trained coder per trial.
+"""`bae sweep SPEC.yaml`: Ray Tune over coder and training settings, one trained coder per trial (or a group of
+coders that read one stream, `resources.coders_per_trial`; `ray_jobs.sweep_trial`).
 
     spec (validated) -> the activation cache (`bae cache`, resumed or reused)
       -> Ray Tune: grid search or Optuna (multi-objective with several objectives), at most
          `max_concurrent` trials at once, each holding `workers x (cpus, gpus)_per_worker`
-      -> each trial: builds or restores its coder, trains `steps` steps, logs training metrics every
-         `log_every` steps, checkpoints every `checkpoint_every` steps (sae.safetensors + cfg.json + trainer
-         state + the training log so far, training_log.parquet), then measures FVU, L0, dead / frequent /
-         dense fractions on held-out tokens and reports them with the final checkpoint
+      -> each trial (`ray_jobs.sweep_trial`): builds or restores its coder(s), trains `steps` steps, logs
+         training metrics every `log_every` steps, checkpoints every `checkpoint_every` steps
+         (sae.safetensors + cfg.json + trainer state + the training log so far, training_log.parquet), then
+         measures FVU, L0, dead / frequent / dense fractions on held-out tokens and reports them with the final
+         checkpoint
          (one worker: in the trial's own process; several: a data-parallel TorchTrainer)
-      -> <run>/trials.parquet: one row per finished or failed trial (config + metrics + checkpoint),
+      -> <run>/trials.parquet: one row per finished or failed coder (config + metrics + checkpoint),
          rewritten as trials finish.
 
 Running the same spec again with the same output resumes the sweep (`Tuner.restore`): finished trials
@@ -23,22 +25,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
-import tempfile
-import time
 from typing import Any
 
-from bae_core.coders.config import CoderConfig
-from bae_core.data.cache import open_cache, open_filesystem, write_bytes_atomic
+from bae_core.data.cache import open_filesystem, write_bytes_atomic
 from bae_core.data.paths import relative_to
-from bae_core.data.reader import coder_columns, iter_activation_batches
-from bae_core.training import TrainConfig
 from ray_jobs.lock import folder_lock
 from ray_jobs.runtime import storage_path
-from ray_jobs.spec import LEXICAL_METRICS, SpecError, SweepSpec
-from ray_jobs.train_job import TrainingLog
+from ray_jobs.spec import SpecError, SweepSpec
+from ray_jobs.sweep_trial import GROUP_KEY, run_trial
 from ray_jobs.trials import TrialsTable, code_version
 
 log = logging.getLogger(__name__)
@@ -61,168 +57,16 @@ RESUMABLE_CHANGES = (
 )
 
 
-# ---- the trial ------------------------------------------------------------------------------------
-
-
-def run_trial(config: dict[str, Any], *, spec_data: dict[str, Any], cache: str) -> None:
-    """The Tune function trainable: one coder, trained, checkpointed and evaluated on held-out tokens."""
-    from ray import tune
-
-    spec = SweepSpec.model_validate(spec_data)
-    hookpoint, coder, train = spec.trial_settings(config)
-    manifest = open_cache(cache)
-    started = time.perf_counter()
-    if spec.resources.workers > 1:
-        trainer, train_fvu, history = _train_distributed(spec, config, cache, hookpoint, coder, train)
-    else:
-        trainer, train_fvu, history = _train_in_process(spec, cache, manifest, hookpoint, coder, train)
-
-    from bae_core.evaluation.metrics import evaluate_coder
-
-    held_out = iter_activation_batches(
-        cache,
-        hookpoint,
-        split="heldout",
-        batch_size=min(spec.training.batch_size, 8192),
-        transcoder=trainer.coder.cfg.is_transcoder,
-        shuffle_seed=None,
-        manifest=manifest,
-    )
-    evaluation = evaluate_coder(trainer.coder, held_out, max_tokens=spec.training.eval_tokens)
-    train_seconds = time.perf_counter() - started
-    lexical = {}
-    if spec.scoring.trial_latents:
-        from bae_core.evaluation.interp import ExampleOptions, lexical_summary
-
-        options = ExampleOptions(min_examples=spec.scoring.min_examples, test_windows=spec.scoring.test_windows)
-        lexical = lexical_summary(trainer.coder, cache, hookpoint, options, max_latents=spec.scoring.trial_latents)
-    final = {
-        **_trial_facts(trainer, hookpoint),
-        **evaluation.summary(),
-        **lexical,
-        "train_fvu": train_fvu,
-        "train_seconds": train_seconds,
-        "split": "heldout",
-    }
-    with tempfile.TemporaryDirectory() as d:
-        trainer.save_checkpoint(d)
-        history.save(d)
-        tune.report(final, checkpoint=tune.Checkpoint.from_directory(d))
-
-
-def _trial_facts(trainer, hookpoint: str) -> dict[str, Any]:
-    coder = trainer.coder
-    return {
-        "hookpoint": hookpoint,
-        "num_latents": coder.num_latents,
-        "d_in": coder.d_in,
-        "d_out": coder.d_out,
-        "lr": trainer.lr,
-        "steps": trainer.step_count,
-        "tokens": trainer.tokens_seen,
-    }
-
-
-def _train_in_process(spec: SweepSpec, cache: str, manifest, hookpoint: str, coder: dict, train: dict):
-    """Train in the trial's own process, reading the cache with pyarrow; checkpoints, with the training log so
-    far, go to Tune."""
-    import torch
-    from ray import tune
-
-    from bae_core.training import Trainer, build_coder
-
-    ccfg = CoderConfig(**coder)
-    x_col, y_col = coder_columns(manifest, hookpoint, ccfg.is_transcoder)
-    widths = manifest.hookpoints[hookpoint].columns
-    device = "cuda" if spec.resources.gpus_per_worker and torch.cuda.is_available() else "cpu"
-    tcfg = TrainConfig(**{**train, "device": device, "log_every": 0})
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            trainer = Trainer.load_checkpoint(d, device=device)
-            history = TrainingLog.load(d, spec.training.log_every)
-        log.info("trial resumes at step %d", trainer.step_count)
-    else:
-        trainer = Trainer(build_coder(ccfg, widths[x_col], widths[y_col] if y_col else None, seed=tcfg.seed), tcfg)
-        history = TrainingLog(spec.training.log_every)
-    steps, every = spec.training.steps, spec.training.checkpoint_every
-    # A resumed trial reads the data in a fresh order rather than repeating the batches it has seen.
-    batches = iter_activation_batches(
-        cache,
-        hookpoint,
-        batch_size=spec.training.batch_size,
-        transcoder=ccfg.is_transcoder,
-        shuffle_seed=tcfg.seed * 1_000_003 + trainer.step_count,
-        epochs=None,
-        manifest=manifest,
-    )
-    recent: list[float] = []
-    while trainer.step_count < steps:
-        batch = next(batches)
-        m = trainer.step(*(batch if isinstance(batch, tuple) else (batch,)))
-        history.add(trainer, m, last=trainer.step_count == steps)
-        recent = [*recent[-(every - 1) :], m.fvu] if every > 1 else [m.fvu]
-        if trainer.step_count % every == 0 and trainer.step_count < steps:
-            rates = (trainer.firing_counts.double() / max(trainer.tokens_seen, 1)).cpu()
-            progress = {
-                **_trial_facts(trainer, hookpoint),
-                "fvu": sum(recent) / len(recent),
-                "l0": m.l0,
-                "dead_fraction": float((trainer.firing_counts == 0).double().mean()),
-                "frequent_fraction": float((rates > 0.01).double().mean()),
-                "dense_fraction": float((rates > 0.10).double().mean()),
-                # Measured once, on the final coder: Tune wants every objective in every report.
-                **dict.fromkeys(LEXICAL_METRICS, math.nan),
-                "split": "train",
-            }
-            with tempfile.TemporaryDirectory() as d:
-                trainer.save_checkpoint(d)
-                history.save(d)
-                tune.report(progress, checkpoint=tune.Checkpoint.from_directory(d))
-    trainer.eval_mode()
-    return trainer, (sum(recent) / len(recent) if recent else math.nan), history
-
-
-def _train_distributed(spec: SweepSpec, config: dict, cache: str, hookpoint: str, coder: dict, train: dict):
-    """Run a data-parallel TorchTrainer for this trial; it checkpoints into the run folder and resumes."""
-    from ray import tune
-
-    from bae_core.training import Trainer
-    from ray_jobs.train_job import TrainJob, run_train
-
-    res = spec.resources
-    trial_id = tune.get_context().get_trial_id()
-    job = TrainJob(
-        cache=cache,
-        hookpoint=hookpoint,
-        out=f"{storage_path(spec.run_dir).rstrip('/')}/train",
-        coder=coder,
-        train=train,
-        steps=spec.training.steps,
-        batch_size=spec.training.batch_size // res.workers,
-        checkpoint_every=spec.training.checkpoint_every,
-        log_every=spec.training.log_every,
-        workers=res.workers,
-        cpus_per_worker=res.cpus_per_worker,
-        gpus_per_worker=res.gpus_per_worker,
-        max_failures=res.max_failures,
-        name=f"trial-{trial_id}",
-    )
-    result = run_train(job)
-    with result.checkpoint.as_directory() as d:
-        trainer = Trainer.load_checkpoint(d, device="cpu")
-        history = TrainingLog.load(d, spec.training.log_every)
-    reports = result.metrics_dataframe
-    train_fvu = float(reports["fvu"].iloc[-1]) if reports is not None and len(reports) else math.nan
-    return trainer, train_fvu, history
-
-
 # ---- the driver ---------------------------------------------------------------------------------------
 
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:
-    """The spec's search space in Tune's terms."""
+    """The spec's search space in Tune's terms; with `resources.coders_per_trial` > 1, a grid over the groups of
+    points that share a stream (`SweepSpec.trial_groups`)."""
     from ray import tune
+
+    if spec.search.algorithm == "grid" and spec.resources.coders_per_trial > 1:
+        return {GROUP_KEY: tune.grid_search(spec.trial_groups())}
 
     space = {"hookpoint": spec.hookpoints, **{k: v for k, v in spec.space.items() if k != "hookpoint"}}
     if spec.search.algorithm == "grid":

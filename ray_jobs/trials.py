@@ -1,5 +1,8 @@
-"""The sweep's table of trials, trials.parquet: one row per finished or failed trial (its settings, held-out
-metrics, checkpoint and provenance), rewritten atomically by a driver-side Tune callback as trials end.
+"""The sweep's table of trials, trials.parquet: one row per finished or failed coder (its settings, held-out
+metrics, checkpoint and provenance), rewritten atomically by a driver-side Tune callback as trials end. A Tune
+trial that trains a group of coders (`resources.coders_per_trial`) gives one row per coder: `trial_id` is the Tune
+trial's id with the coder's place in the group (`<id>_c0`, `<id>_c1`, ...), `tune_trial` the Tune trial's, and
+`checkpoint` the coder's folder inside the group's checkpoint.
 
 Paths in it are relative to the run folder where they lie inside it (`checkpoint`, and `cache` when the cache is
 RUN/cache), so the folder can be moved or copied; `bae_core.data.paths.resolve` reads them back."""
@@ -19,6 +22,7 @@ from bae_core.data.cache import open_filesystem, write_bytes_atomic
 from bae_core.data.paths import relative_to
 from bae_core.training import TrainConfig
 from ray_jobs.spec import CODER_FIELDS, METRICS, TRAIN_FIELDS, SweepSpec
+from ray_jobs.sweep_trial import GROUP_KEY, coder_folder, trial_points
 
 TRIALS_TABLE = "trials.parquet"
 
@@ -46,28 +50,71 @@ class TrialsTable(Callback):
     def _announce(self, trial, trials, what: str) -> None:
         if self.quiet:
             return
-        finished = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
-        r = trial.last_result or {}
-        settings = " ".join(f"{k}={v}" for k, v in trial.config.items())
-        figures = (
-            f"fvu={r['fvu']:.4f} l0={r['l0']:.1f} dead={r['dead_fraction']:.3f} dense={r['dense_fraction']:.3f}"
-            if r.get("split") == "heldout"
-            else ""
-        )
-        print(f"  [{finished}/{self.total}] {what} {settings} {figures}".rstrip(), file=sys.stderr, flush=True)
+        finished = sum(len(trial_points(t.config)) for t in trials if t.status in ("TERMINATED", "ERROR"))
+        finished += 0 if trial.status in ("TERMINATED", "ERROR") else len(trial_points(trial.config))
+        points = trial_points(trial.config)
+        for i, (point, r) in enumerate(zip(points, _results(trial), strict=True)):
+            settings = " ".join(f"{k}={v}" for k, v in point.items())
+            figures = (
+                f"fvu={r['fvu']:.4f} l0={r['l0']:.1f} dead={r['dead_fraction']:.3f} dense={r['dense_fraction']:.3f}"
+                if r.get("split") == "heldout"
+                else ""
+            )
+            at = finished - len(points) + i + 1
+            print(f"  [{at}/{self.total}] {what} {settings} {figures}".rstrip(), file=sys.stderr, flush=True)
 
     def _write(self, trials) -> None:
-        rows = [trial_row(t, self.provenance, self.run_dir) for t in trials if t.status in ("TERMINATED", "ERROR")]
+        rows = [
+            row
+            for t in trials
+            if t.status in ("TERMINATED", "ERROR")
+            for row in trial_rows(t, self.provenance, self.run_dir)
+        ]
         if rows:
             write_trials_table(self.run_dir, rows)
 
 
-def trial_row(trial, provenance: dict[str, Any], run_dir: str) -> dict[str, Any]:
-    """One row of trials.parquet: the trial's full settings, its held-out metrics and its checkpoint (relative to
-    `run_dir`)."""
-    spec = SweepSpec.model_validate(provenance["spec"])
-    hookpoint, coder, train = spec.trial_settings(trial.config)
+def _results(trial) -> list[dict[str, Any]]:
+    """A trial's last report per coder (a group's are under `coders`)."""
     result = trial.last_result or {}
+    n = len(trial_points(trial.config))
+    if GROUP_KEY not in trial.config:
+        return [result]
+    per_coder = result.get(GROUP_KEY) or {}
+    return [per_coder.get(str(i)) or {} for i in range(n)]
+
+
+def trial_rows(trial, provenance: dict[str, Any], run_dir: str) -> list[dict[str, Any]]:
+    """The rows of trials.parquet of one Tune trial: one per coder it trains."""
+    grouped = GROUP_KEY in trial.config
+    points = trial_points(trial.config)
+    rows = []
+    for i, (point, result) in enumerate(zip(points, _results(trial), strict=True)):
+        row = trial_row(
+            trial, provenance, run_dir, point=point, result=result, folder=coder_folder(i) if grouped else None
+        )
+        if grouped:
+            row["trial_id"] = f"{trial.trial_id}_c{i}"
+        row["tune_trial"] = trial.trial_id
+        row["coders_in_trial"] = len(points)
+        rows.append(row)
+    return rows
+
+
+def trial_row(
+    trial,
+    provenance: dict[str, Any],
+    run_dir: str,
+    *,
+    point: dict[str, Any] | None = None,
+    result: dict[str, Any] | None = None,
+    folder: str | None = None,
+) -> dict[str, Any]:
+    """One row of trials.parquet: a coder's full settings, its held-out metrics and its checkpoint (relative to
+    `run_dir`). A group member passes its grid `point`, its `result` and its `folder` in the group's checkpoint."""
+    spec = SweepSpec.model_validate(provenance["spec"])
+    hookpoint, coder, train = spec.trial_settings(trial.config if point is None else point)
+    result = (trial.last_result or {}) if result is None else result
     final = result.get("split") == "heldout"
     ccfg = dataclasses.asdict(CoderConfig(**coder))
     tcfg = dataclasses.asdict(TrainConfig(**train))
@@ -90,9 +137,8 @@ def trial_row(trial, provenance: dict[str, Any], run_dir: str) -> dict[str, Any]
         row[key] = result.get(key) if final else None
     checkpoint = trial.checkpoint
     # Tune's path is on its storage filesystem (for s3, `bucket/run/tune/...` without the scheme).
-    row["checkpoint"] = (
-        relative_to(run_dir, checkpoint.path, checkpoint.filesystem) if checkpoint is not None and final else None
-    )
+    path = None if checkpoint is None else checkpoint.path if folder is None else f"{checkpoint.path}/{folder}"
+    row["checkpoint"] = relative_to(run_dir, path, checkpoint.filesystem) if path is not None and final else None
     row["failures"] = trial.num_failures  # retries from a checkpoint: a dead worker or node, an error
     row["error"] = _error_text(trial)
     row.update({k: v for k, v in provenance.items() if k != "spec"})

@@ -66,14 +66,24 @@ def mtimes_of(folder) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
 
 
+@pytest.fixture(scope="module")
+def grid_run(local_ray, cache_root, tmp_path_factory):
+    """The tiny grid of 4 coders (topk and binary_topk, SAE and skip transcoder), one per Tune trial: (spec, run
+    folder, Tune's results)."""
+    from conftest import sweep_spec
+
+    run = tmp_path_factory.mktemp("grid") / "run"
+    spec = parse_spec(sweep_spec(run, cache_root))
+    return spec, run, run_sweep(spec, quiet=True)
+
+
 def test_grid_sweep_trains_every_combination_and_writes_the_trials_table(
-    local_ray, cache_root, tmp_path, make_spec, capsys
+    local_ray, cache_root, grid_run, tmp_path, make_spec, capsys
 ):
-    spec = parse_spec(make_spec(tmp_path / "run", cache_root))
-    results = run_sweep(spec, quiet=True)
+    spec, run_dir, results = grid_run
     assert len(results) == 4 and all(r.error is None for r in results)
 
-    trials = pd.read_parquet(tmp_path / "run" / TRIALS_TABLE)
+    trials = pd.read_parquet(run_dir / TRIALS_TABLE)
     assert set(CONFIG_COLUMNS + METRIC_COLUMNS + PROVENANCE_COLUMNS) <= set(trials.columns)
     assert len(trials) == 4 and (trials["status"] == "finished").all()
     assert set(zip(trials["activation"], trials["kind"], strict=True)) == {
@@ -88,14 +98,14 @@ def test_grid_sweep_trains_every_combination_and_writes_the_trials_table(
     assert (trials["failures"] == 0).all()
     assert (trials["model"] == "embedded:SmolLM2-135M-Instruct").all()
     # Each trial's training log, every 10 steps, came with its final checkpoint.
-    curves = training_curves(trials, str(tmp_path / "run"))
+    curves = training_curves(trials, str(run_dir))
     assert curves.groupby("trial_id")["step"].apply(list).to_dict() == {t: [10, 20] for t in trials["trial_id"]}
     assert (curves["tokens"] == curves["step"] * 128).all() and (curves["interval_steps"] == 10).all()
     assert curves["fvu"].between(0, 2).all() and curves["l0"].between(0, 8 + 1e-6).all()
 
     # Each row's checkpoint is the trained coder: it reproduces the held-out FVU the row reports.
     row = trials[(trials["activation"] == "binary_topk") & (trials["kind"] == "sae")].iloc[0]
-    trainer = Trainer.load_checkpoint(tmp_path / "run" / row["checkpoint"])
+    trainer = Trainer.load_checkpoint(run_dir / row["checkpoint"])
     assert trainer.step_count == 20 and trainer.coder.cfg.activation == "binary_topk"
     trainer.eval_mode()
     x = next(
@@ -111,17 +121,15 @@ def test_grid_sweep_trains_every_combination_and_writes_the_trials_table(
     assert fvu == pytest.approx(row["fvu"], rel=1e-3)
 
     # Running the finished sweep again trains nothing: the same table, the checkpoints untouched.
-    before = checkpoint_mtimes(tmp_path / "run" / "tune")
+    before = checkpoint_mtimes(run_dir / "tune")
     again = run_sweep(spec, quiet=True)
     assert len(again) == 4 and all(r.error is None for r in again)
-    assert checkpoint_mtimes(tmp_path / "run" / "tune") == before
-    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "run" / TRIALS_TABLE), trials)
+    assert checkpoint_mtimes(run_dir / "tune") == before
+    pd.testing.assert_frame_equal(pd.read_parquet(run_dir / TRIALS_TABLE), trials)
 
     # `bae score` scores each trial's coder and the MLP-neuron baseline into latents.parquet; again, nothing new.
     # Slices of 500 latents: each coder's 1152 latents are scored by 3 Ray tasks.
-    latents = run_score(
-        str(tmp_path / "run"), min_examples=5, fidelity_tokens=128, ablation_bins=2, latents_per_task=500
-    )
+    latents = run_score(str(run_dir), min_examples=5, fidelity_tokens=128, ablation_bins=2, latents_per_task=500)
     controls = {"token-control-layers.3.mlp", "random-control-layers.3.mlp"}
     assert len(latents) == 4 * 1152 + 1536 + 2 * CONTROL_LATENTS
     assert (
@@ -130,7 +138,7 @@ def test_grid_sweep_trains_every_combination_and_writes_the_trials_table(
     assert {"latent", "firing_count", "firing_rate", "eligible", "explanation", "token_auroc", "window_auroc"} <= set(
         latents.columns
     )
-    written = pd.read_parquet(tmp_path / "run" / LATENTS_TABLE)
+    written = pd.read_parquet(run_dir / LATENTS_TABLE)
     columns = ["coder_id", "latent", "firing_count", "eligible", "token_auroc"]
     pd.testing.assert_frame_equal(written[columns], latents[columns], check_dtype=False)
     # The baseline keeps exactly k neurons per token; TopK codes fire exactly k latents per token.
@@ -143,7 +151,7 @@ def test_grid_sweep_trains_every_combination_and_writes_the_trials_table(
     row = trials.iloc[0]
     whole = pd.DataFrame(
         coder_latent_scores(
-            Trainer.load_checkpoint(tmp_path / "run" / row["checkpoint"]).coder,
+            Trainer.load_checkpoint(run_dir / row["checkpoint"]).coder,
             str(cache_root),
             "layers.3.mlp",
             ExampleOptions(min_examples=5),
@@ -152,8 +160,8 @@ def test_grid_sweep_trains_every_combination_and_writes_the_trials_table(
     )
     sliced = latents[latents["coder_id"] == f"trial-{row['trial_id']}"].reset_index(drop=True)
     pd.testing.assert_frame_equal(sliced[whole.columns], whole, check_dtype=False)
-    assert not (tmp_path / "run" / "scores" / f"trial-{row['trial_id']}").exists()  # slice files merged
-    coders = pd.read_parquet(tmp_path / "run" / CODERS_TABLE)
+    assert not (run_dir / "scores" / f"trial-{row['trial_id']}").exists()  # slice files merged
+    coders = pd.read_parquet(run_dir / CODERS_TABLE)
     assert len(coders) == 7 and (coders["alive"] <= coders["latents"]).all() and (coders["eligible"] > 0).all()
     # Every score with its basis; the controls at their known answers.
     assert (coders["token_auroc_ci_low"] <= coders["token_auroc"]).all()
@@ -181,10 +189,10 @@ def test_grid_sweep_trains_every_combination_and_writes_the_trials_table(
     assert baseline["ce_increase"].isna().all()  # no coder to splice
     topk = trained[trained["activation"] == "topk"]
     assert np.allclose(topk["l0_heldout"], 8)  # TopK fires exactly k latents per token
-    ablation = pd.read_parquet(tmp_path / "run" / ABLATION_TABLE)
+    ablation = pd.read_parquet(run_dir / ABLATION_TABLE)
     assert set(ablation["coder_id"]) == {f"trial-{t}" for t in trials["trial_id"]}
     assert ablation.groupby("coder_id")["bin"].max().max() <= 1
-    density = pd.read_parquet(tmp_path / "run" / DENSITY_TABLE)
+    density = pd.read_parquet(run_dir / DENSITY_TABLE)
     assert (density.groupby("coder_id")["latents"].sum().loc[coders["coder_id"]].to_numpy() == coders["latents"]).all()
 
     # The LLM judge path (--judge llm) against an OpenAI-compatible server on loopback that answers "yes" to
@@ -192,7 +200,7 @@ def test_grid_sweep_trains_every_combination_and_writes_the_trials_table(
     def always_yes(request: Request) -> Reply:
         return chat("[EXPLANATION]: a test") if request.kind == "explain" else chat(str([1] * len(request.examples)))
 
-    run = str(tmp_path / "run")
+    run = str(run_dir)
     with FakeJudgeServer(always_yes) as server:
         config = JudgeConfig(base_url=server.base_url, model="fake", cache_dir=str(tmp_path / "llm-cache"))
         options = ScoreOptions.from_run(
@@ -208,25 +216,25 @@ def test_grid_sweep_trains_every_combination_and_writes_the_trials_table(
     assert (judged["detection_balanced_accuracy"] == 0.5).all() and (judged["fuzzing_balanced_accuracy"] == 0.5).all()
     assert (judged["llm_failed_prompts"] == 0).all() and (judged["judge_model"] == "fake").all()
     assert (judged["llm_explanation"] == "a test").all() and judged["prompt_version"].notna().all()
-    coders = pd.read_parquet(tmp_path / "run" / CODERS_TABLE)
+    coders = pd.read_parquet(run_dir / CODERS_TABLE)
     assert (coders["detection_balanced_accuracy"] == 0.5).all() and (coders["llm_failed_fraction"] == 0).all()
     # Without a judge server configured, `bae score --judge llm` says what is missing before anything runs.
     os.environ.pop("BAE_JUDGE_BASE_URL", None)
     assert main(["score", run, "--judge", "llm", "--llm-model", "m"]) == 2
     assert "BAE_JUDGE_BASE_URL" in capsys.readouterr().err
 
-    scored = {d: mtimes_of(tmp_path / "run" / d) for d in ("scores", "evaluation")}
-    run_score(str(tmp_path / "run"), min_examples=5, fidelity_tokens=128, ablation_bins=2)
-    assert {d: mtimes_of(tmp_path / "run" / d) for d in ("scores", "evaluation")} == scored
+    scored = {d: mtimes_of(run_dir / d) for d in ("scores", "evaluation")}
+    run_score(str(run_dir), min_examples=5, fidelity_tokens=128, ablation_bins=2)
+    assert {d: mtimes_of(run_dir / d) for d in ("scores", "evaluation")} == scored
 
     # Other scoring settings redo what they change, and say why; so does a file from before settings were recorded.
-    old_file = tmp_path / "run" / "scores" / "neurons-layers.3.mlp-k8.parquet"
+    old_file = run_dir / "scores" / "neurons-layers.3.mlp-k8.parquet"
     pd.read_parquet(old_file).drop(columns="scoring_settings").to_parquet(old_file)
     notices = []
     redone = run_score(
         run, min_examples=5, test_windows=20, fidelity_tokens=128, ablation_bins=2, notice=notices.append
     )
-    after = {d: mtimes_of(tmp_path / "run" / d) for d in ("scores", "evaluation")}
+    after = {d: mtimes_of(run_dir / d) for d in ("scores", "evaluation")}
     for d in ("scores", "evaluation"):
         assert all(after[d][name] != scored[d][name] for name in scored[d] if name.endswith((".parquet", ".json")))
     assert any("test_windows=50 (now 20)" in n for n in notices)
@@ -234,8 +242,50 @@ def test_grid_sweep_trains_every_combination_and_writes_the_trials_table(
     assert redone["scoring_settings"].str.contains('"test_windows": 20').all()
 
     # ... and the same folder refuses a sweep with other settings, naming the first difference.
-    other = parse_spec(make_spec(tmp_path / "run", cache_root, coder={"expansion_factor": 2, "k": 4}))
+    other = parse_spec(make_spec(run_dir, cache_root, coder={"expansion_factor": 2, "k": 4}))
     with pytest.raises(SpecError, match=r"holds a sweep with coder\.k=8, this spec has 4"):
+        run_sweep(other, quiet=True)
+
+
+def test_coders_that_share_a_stream_train_in_one_trial_exactly_as_they_would_alone(
+    local_ray, cache_root, grid_run, tmp_path, make_spec
+):
+    # The same 4 points, three to a Tune trial: one group of 3 (two SAEs and a skip transcoder read input and
+    # output once for all three) and one of 1.
+    spec = parse_spec(make_spec(tmp_path / "run", cache_root, resources={"cpus_per_worker": 1, "coders_per_trial": 3}))
+    assert [len(g) for g in spec.trial_groups()] == [3, 1] and spec.num_tune_trials() == 2
+    results = run_sweep(spec, quiet=True)
+    assert len(results) == 2 and all(r.error is None for r in results)
+    grouped = pd.read_parquet(tmp_path / "run" / TRIALS_TABLE)
+    assert len(grouped) == 4 and (grouped["status"] == "finished").all() and grouped["trial_id"].is_unique
+    assert sorted(grouped["coders_in_trial"]) == [1, 3, 3, 3] and grouped["tune_trial"].nunique() == 2
+
+    _, alone_run, _ = grid_run
+    alone = pd.read_parquet(alone_run / TRIALS_TABLE)
+    key = ["activation", "kind"]
+    pairs = grouped.merge(alone, on=key, suffixes=("", "_alone"))
+    assert len(pairs) == 4
+    # Every coder saw the batches it saw alone: the same held-out and train metrics, the same weights.
+    for metric in ("fvu", "l0", "dead_fraction", "dense_fraction", "train_fvu", "lexical_auroc", "tokens"):
+        np.testing.assert_allclose(pairs[metric], pairs[f"{metric}_alone"], rtol=1e-5, err_msg=metric)
+    curves = training_curves(grouped, str(tmp_path / "run")).merge(grouped[["trial_id", *key]], on="trial_id")
+    curves_alone = training_curves(alone, str(alone_run)).merge(alone[["trial_id", *key]], on="trial_id")
+    both = curves.merge(curves_alone, on=[*key, "step"], suffixes=("", "_alone"))
+    assert len(both) == 8  # steps 10 and 20 of each coder
+    np.testing.assert_allclose(both["fvu"], both["fvu_alone"], rtol=1e-5)
+    for row in pairs.itertuples():
+        assert row.checkpoint.endswith(f"/coder_{row.trial_id.rsplit('_c', 1)[1]}")
+        mine = Trainer.load_checkpoint(tmp_path / "run" / row.checkpoint).coder.state_dict()
+        theirs = Trainer.load_checkpoint(alone_run / row.checkpoint_alone).coder.state_dict()
+        for name, value in mine.items():
+            torch.testing.assert_close(value, theirs[name], rtol=1e-5, atol=1e-6, msg=f"{row.activation} {name}")
+
+    # A finished grouped sweep run again trains nothing; a changed grouping is another sweep.
+    before = checkpoint_mtimes(tmp_path / "run" / "tune")
+    assert all(r.error is None for r in run_sweep(spec, quiet=True))
+    assert checkpoint_mtimes(tmp_path / "run" / "tune") == before
+    other = parse_spec(make_spec(tmp_path / "run", cache_root, resources={"coders_per_trial": 2}))
+    with pytest.raises(SpecError, match=r"resources\.coders_per_trial=3, this spec has 2"):
         run_sweep(other, quiet=True)
 
 
@@ -318,7 +368,8 @@ def test_a_trial_killed_mid_training_resumes_its_training_log_without_repeating_
     local_ray, cache_root, tmp_path, make_spec
 ):
     run = tmp_path / "run"
-    # One trial at a time, so the process killed is the one running the trial that has checkpointed. A row every
+    # Both coders in one trial (they read the same stream), so the process killed is the one running the trial
+    # that has checkpointed, and both resume from the group's checkpoint. A row every
     # 7 steps: no checkpoint (every 50 steps) falls on a row, so a trial resumed from one has a shorter interval.
     spec = parse_spec(
         make_spec(
@@ -328,7 +379,7 @@ def test_a_trial_killed_mid_training_resumes_its_training_log_without_repeating_
             search={"algorithm": "grid", "max_concurrent": 1},
             training={"steps": 300, "checkpoint_every": 50, "log_every": 7},
             scoring={"trial_latents": 0},
-            resources={"cpus_per_worker": 1, "max_failures": 2},
+            resources={"cpus_per_worker": 1, "max_failures": 2, "coders_per_trial": 2},
         )
     )
     killed: list[int] = []
@@ -358,11 +409,12 @@ def test_a_trial_killed_mid_training_resumes_its_training_log_without_repeating_
 
     assert killed, "no trial process was found to kill"
     trials = pd.read_parquet(run / TRIALS_TABLE).set_index("trial_id")
-    assert len(results) == 2 and (trials["status"] == "finished").all() and (trials["steps"] == 300).all()
-    assert trials["failures"].tolist() == [1, 0]  # the first trial was killed, and retried from a checkpoint
+    assert len(results) == 1 and (trials["status"] == "finished").all() and (trials["steps"] == 300).all()
+    assert trials["failures"].tolist() == [1, 1]  # the trial was killed, and retried from a checkpoint
+    assert trials["tune_trial"].nunique() == 1 and (trials["coders_in_trial"] == 2).all()
     # ... from its checkpoint of step 100 or later: after the kill no report came at or before that step (one
     # restarted from step 0 would report step 50 again).
-    (trial_dir,) = (run / "tune").glob(f"*{trials.index[0]}*")
+    (trial_dir,) = (run / "tune").glob(f"*{trials['tune_trial'].iloc[0]}*")
     steps = reported_steps(trial_dir)
     assert steps.count(50) == 1 and min(resumed_from(trial_dir, 50), default=100) >= 50, steps
     curves = training_curves(trials.reset_index(), str(run))
