@@ -5,6 +5,7 @@ Nothing here imports Ray."""
 from __future__ import annotations
 
 from bae_core.coders.config import CoderConfig
+from ray_jobs.cost import Shape, describe_cost
 from ray_jobs.spec import SweepSpec
 
 
@@ -22,18 +23,31 @@ def trial_memory_bytes(parameters: int, batch_size: int, num_latents: int) -> in
     return 16 * parameters + 12 * batch_size * num_latents
 
 
-def describe_plan(spec: SweepSpec, widths: dict[str, dict[str, int]] | None, *, source: str = "") -> str:
-    """What `bae sweep --dry-run` prints: the trials, the budget and the resources a sweep needs.
+def describe_plan(
+    spec: SweepSpec,
+    widths: dict[str, dict[str, int]] | None,
+    *,
+    source: str = "",
+    shape: Shape | None = None,
+    rates: dict | None = None,
+) -> str:
+    """What `bae sweep --dry-run` prints: the trials, the budget, the resources and the cost of a sweep.
 
     `widths` ({hookpoint: {"input": d_in, "output": d_out}}) comes from the cache manifest or the model's
-    config; without it the dictionary sizes are given as multiples of the (unknown) input width.
+    config; without it the dictionary sizes are given as multiples of the (unknown) input width. `shape` adds
+    what the cost estimate knows beyond the widths (where they come from, the model's layers); `rates` replace
+    rates of ray_jobs/rates.py (`describe_cost`'s keywords).
     """
+    if shape is None and widths is not None:
+        shape = Shape(widths, "")
     cache, training, res, search = spec.cache_request(), spec.training, spec.resources, spec.search
     n = spec.num_trials()
     lines = [f"sweep {spec.name}" + (f" ({source})" if source else "")]
     if spec.description:
         lines.append(f"  {spec.description}")
     tokens = lambda v: "all" if v is None else f"{v:,}"  # noqa: E731
+    if shape is not None and shape.source:
+        lines.append(f"  widths     {shape.source}")
     lines += [
         f"  output     {spec.run_dir}  (trials.parquet, spec.json, tune/)",
         f"  cache      {spec.cache_root}: {cache.model} on {cache.dataset}, {', '.join(cache.hookpoints)}; "
@@ -56,19 +70,21 @@ def describe_plan(spec: SweepSpec, widths: dict[str, dict[str, int]] | None, *, 
         f"{tokens(training.eval_tokens)} tokens"
     )
     cpus, gpus = res.workers * res.cpus_per_worker, res.workers * res.gpus_per_worker
-    at_once = min(n, search.max_concurrent or n)
+    tune = spec.num_tune_trials()  # fewer than n when resources.coders_per_trial groups coders
+    at_once = min(tune, search.max_concurrent or tune)
     mode = "in the trial's process" if res.workers == 1 else "a data-parallel TorchTrainer"
     lines.append(
         f"  resources  per trial {res.workers} worker(s) x ({res.cpus_per_worker:g} CPU, {res.gpus_per_worker:g} GPU), "
         f"{mode}; up to {at_once} at once{'' if search.max_concurrent else ' as the cluster allows'}: "
         f"{at_once * cpus:g} CPU, {at_once * gpus:g} GPU; {res.max_failures} retries per trial"
+        + (f"; {tune} Tune trials of up to {res.coders_per_trial} coders" if tune != n else "")
     )
     lines.append(f"  total      {n * per_trial:,} training tokens over {n} trials")
     if search.algorithm != "grid":
         lines.append("  space")
         for key, values in {"hookpoint": spec.hookpoints, **spec.space}.items():
             lines.append(f"    {key}: {values}")
-        return "\n".join(lines)
+        return "\n".join([*lines, "", *describe_cost(spec, shape, **(rates or {}))])
 
     rows = []
     for i, point in enumerate(spec.grid(), start=1):
@@ -101,4 +117,4 @@ def describe_plan(spec: SweepSpec, widths: dict[str, dict[str, int]] | None, *, 
         lines.append(f"  (each of the {len(rows)} combinations runs {search.num_samples} times)")
     if widths is None:
         lines.append("  (the model's config is not available offline: sizes are shown as multiples of d_in)")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *describe_cost(spec, shape, **(rates or {}))])

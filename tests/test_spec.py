@@ -147,7 +147,7 @@ def test_dry_run_of_the_quickstart_lists_every_trial_with_its_size(capsys):
     assert main(["sweep", str(SWEEPS / "quickstart.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "grid, 8 trials (1 x 8 combinations)" in out
-    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    rows = [r for r in map(str.split, out.splitlines()) if r[:1] and r[0].isdigit() and r[1].startswith("layers.")]
     assert len(rows) == 8
     # hookpoint activation kind k latents parameters memory: 4x expansion of the 576-wide MLP input.
     assert {tuple(r[1:5]) for r in rows} == {
@@ -169,7 +169,14 @@ def test_dry_run_of_the_papers_spec_works_offline(capsys):
     assert "192 trials" in out and "HuggingFaceTB/SmolLM2-135M" in out
     assert "1 worker(s) x (4 CPU, 1 GPU)" in out
     assert "(each of the 64 combinations runs 3 times)" not in out  # seeds are a searched axis, not num_samples
-    assert sum(1 for line in out.splitlines() if line.strip()[:1].isdigit()) == 192
+    rows = [r for r in map(str.split, out.splitlines()) if r[:1] and r[0].isdigit() and r[1].startswith("layers.")]
+    assert len(rows) == 192
+    # The cost (tests/test_plan_cost.py checks its figures): the cache's size, what the trials read, the hours.
+    cost = " ".join(out[out.index("\ncost ") :].split())
+    assert "in all 471 GB" in cost and "24 read input + output (453 GB each)" in cost
+    assert "GPU-hours computing" in cost and "core-hours packing and writing 471 GB" in cost
+    widths = " ".join(out.split())  # offline, the hub model's shape is the embedded model's (the same architecture)
+    assert "widths the embedded SmolLM2-135M-Instruct's config" in widths or "widths the model's config" in widths
 
 
 def test_cli_reports_a_bad_spec_and_exits_2(tmp_path, capsys):

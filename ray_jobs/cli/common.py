@@ -30,19 +30,3 @@ def format_table(rows: list[dict]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
     return "\n".join(lines)
-
-
-def _known_widths(spec) -> dict[str, dict[str, int]] | None:
-    """Hookpoint widths for a dry run: from the existing cache, else the model's config; validates names."""
-    from bae_core.data.cache import load_manifest
-    from bae_core.data.lm import model_shape
-
-    try:
-        manifest = load_manifest(spec.cache_root)
-    except ValueError:
-        manifest = None
-    if manifest is not None:
-        return {name: info.columns for name, info in manifest.hookpoints.items()}
-    cache = spec.cache_request()
-    shape = model_shape(cache.model, revision=cache.revision)
-    return shape.hookpoint_widths(cache.hookpoints) if shape else None

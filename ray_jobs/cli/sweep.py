@@ -6,8 +6,6 @@ import argparse
 import sys
 import time
 
-from ray_jobs.cli.common import _known_widths
-
 
 def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -21,6 +19,19 @@ def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("spec", help="a YAML sweep spec, e.g. sweeps/quickstart.yaml")
     p.add_argument("--output", default=None, help="run folder (local path or URI); overrides the spec's output")
     p.add_argument("--dry-run", action="store_true", help="print the trial plan and resources; run nothing")
+    p.add_argument(
+        "--d-model",
+        type=int,
+        default=None,
+        help="dry run: the model's width, for sizes and costs when neither a cache nor the model's config is here",
+    )
+    p.add_argument(
+        "--tflops",
+        type=float,
+        default=None,
+        help="dry run: training rate in counted TFLOP/s per GPU (per CPU thread when trials have no GPU), in place "
+        "of ray_jobs/rates.py's",
+    )
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=run_sweep_cmd)
@@ -34,7 +45,17 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
     if args.output:
         spec = spec.model_copy(update={"output": args.output})
     if args.dry_run:
-        print(describe_plan(spec, _known_widths(spec), source=args.spec))
+        from ray_jobs.cost import resolve_shape
+        from ray_jobs.rates import Rate
+
+        shape = resolve_shape(spec, args.d_model)
+        rates = {}
+        if args.tflops is not None:
+            if not args.tflops > 0:
+                raise ValueError(f"--tflops: must be a positive rate, got {args.tflops}")
+            per = "GPU" if spec.resources.gpus_per_worker > 0 else "thread"
+            rates["train_rate"] = Rate(args.tflops * 1e12, f"FLOP/s per {per}", f"given: --tflops {args.tflops:g}")
+        print(describe_plan(spec, shape.widths if shape else None, source=args.spec, shape=shape, rates=rates))
         return 0
 
     from ray_jobs.cli.checks import model_and_dataset, writable_folder
@@ -51,7 +72,9 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
     connect(args.address)
     start = time.perf_counter()
     if not args.quiet:
-        print(f"sweep {spec.name}: {spec.num_trials()} trials into {run_dir}", file=sys.stderr, flush=True)
+        size = spec.resources.coders_per_trial
+        grouped = f", in {spec.num_tune_trials()} groups of up to {size} sharing a stream" if size > 1 else ""
+        print(f"sweep {spec.name}: {spec.num_trials()} trials into {run_dir}{grouped}", file=sys.stderr, flush=True)
     progress = Progress("caching activations: shard", quiet=args.quiet)
     try:
         run_sweep(spec, cache_progress=progress, quiet=args.quiet)
