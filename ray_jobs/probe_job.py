@@ -2,8 +2,9 @@
 
     the dictionaries of `ray_jobs.score_plan.plan` (trained coders and the MLP-neuron baselines; not the controls)
     and, per hookpoint, the raw activations it offers (MLP input, MLP output, the MLP's neurons, dense)
-      -> per (model, task), a Ray actor holding the language model: every hookpoint's activations at each prompt's
-         last token                -> RUN/probing/activations/<model>/<hookpoint>/<task>.safetensors
+      -> per (model, task), a Ray actor holding the language model (on a GPU with `scoring.gpus_per_task`): every
+         hookpoint's activations at each prompt's last token (`ray_jobs.probe_activations`)
+                                   -> RUN/probing/activations/<model>/<hookpoint>/<task>.safetensors
       -> per dictionary, a Ray task: its features on each task and the k-sparse probes
                                    -> RUN/probing/results/<coder id>/<task>.json
       -> RUN/probing.parquet (one row per dictionary x task x k) and, when RUN/coders.parquet exists, the per-coder
@@ -17,18 +18,25 @@ only the (dictionary, task) results that are missing or were made with other set
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, replace
 
 from bae_core.data.cache import open_cache, open_filesystem, write_bytes_atomic
 from bae_core.evaluation import probing
+from ray_jobs.gpus import check_gpus_per_task, require_gpus
 from ray_jobs.lock import folder_lock
+from ray_jobs.probe_activations import (
+    PROBING_DIR,
+    activation_stale,
+    activations_path,
+    capture_activations,
+    model_key,
+    read_activations,
+)
 from ray_jobs.score_plan import CODERS_TABLE, ScoreTask, plan, read_table, stale_reason
 from ray_jobs.sweep_job import SPEC_COPY
 from ray_jobs.trials import TRIALS_TABLE, write_parquet_atomic
 
 PROBING_TABLE = "probing.parquet"
-PROBING_DIR = "probing"
 RAW = {"raw_input": "input", "raw_output": "output", "mlp_neurons_dense": "input"}
 """Baseline dictionaries made of a hookpoint's raw activations, and the activation each is read from."""
 
@@ -44,6 +52,8 @@ class ProbeOptions:
     max_tokens: int = probing.DEFAULT_MAX_TOKENS
     seed: int = 0
     lm_batch_size: int = 16
+    gpus_per_task: float = 0.0
+    """GPUs of each actor computing activations (the spec's `scoring.gpus_per_task`); changes no setting below."""
 
     def __post_init__(self):
         if not self.tasks:
@@ -55,6 +65,7 @@ class ProbeOptions:
         for name in ("max_tokens", "lm_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        check_gpus_per_task(self.gpus_per_task)
 
     def activation_settings(self, model: str) -> dict:
         """What a task's activation file depends on."""
@@ -81,11 +92,13 @@ class ProbeOptions:
         """The run's `probing` settings (RUN/spec.json), with `overrides` that are not None on top; `tasks` resolved
         to binary task names (`bae_core.evaluation.probing.resolve_tasks`)."""
         fs, base = open_filesystem(run_dir)
-        spec = {}
+        spec, gpus = {}, None
         if fs.get_file_info(f"{base}/{SPEC_COPY}").type.name != "NotFound":
             with fs.open_input_stream(f"{base}/{SPEC_COPY}") as f:
-                spec = json.loads(f.read().decode()).get("probing") or {}
+                whole = json.loads(f.read().decode())
+            spec, gpus = whole.get("probing") or {}, (whole.get("scoring") or {}).get("gpus_per_task")
         values = {k: spec[k] for k in ("tasks", "ks", "max_examples", "max_tokens", "seed") if spec.get(k) is not None}
+        values.update({"gpus_per_task": gpus} if gpus is not None else {})
         values.update({k: v for k, v in overrides.items() if v is not None})
         for name in ("tasks", "ks"):
             if name in values:
@@ -139,91 +152,11 @@ def probe_plan(run_dir: str, options: ProbeOptions) -> list[ScoreTask]:
     return tasks
 
 
-def model_key(cache: str) -> tuple[str, str]:
-    """(the cache's model and revision as one string, a folder name for it)."""
-    manifest = open_cache(cache)
-    model = f"{manifest.model}@{manifest.revision}" if manifest.revision else manifest.model
-    return model, re.sub(r"[^A-Za-z0-9._-]+", "_", model)
-
-
-def activations_path(folder: str, hookpoint: str, task: str) -> str:
-    return f"{PROBING_DIR}/activations/{folder}/{hookpoint}/{task}.safetensors"
-
-
 def result_path(coder_id: str, task: str) -> str:
     return f"{PROBING_DIR}/results/{coder_id}/{task}.json"
 
 
-def _activation_stale(fs, base: str, name: str, settings: dict) -> str | None:
-    """Why an activation file must be (re)made: "missing" or the settings that differ; None when up to date."""
-    import struct
-
-    path = f"{base}/{name}"
-    if fs.get_file_info(path).type.name == "NotFound":
-        return "missing"
-    with fs.open_input_file(path) as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        recorded = json.loads(json.loads(f.read(size))["__metadata__"]["settings"])
-    changed = [k for k in sorted({*settings, *recorded}) if recorded.get(k) != settings.get(k)]
-    if not changed:
-        return None
-    return "made with " + ", ".join(f"{k}={recorded.get(k)!r} (now {settings.get(k)!r})" for k in changed)
-
-
 # ---- the Ray work --------------------------------------------------------------------------------------------
-
-
-class LastTokenWorker:
-    """A Ray actor holding one cache's language model: the last-token activations of every hookpoint of a task."""
-
-    def __init__(self, cache: str):
-        from bae_core.data.lm import resolve_hookpoints
-        from ray_jobs.score_tasks import _load_model
-
-        self.loaded = _load_model(cache)
-        self.resolve = lambda names: resolve_hookpoints(self.loaded, names)
-
-    def run(self, run_dir: str, folder: str, model: str, hookpoints: list[str], task: str, options) -> str:
-        import numpy as np
-        from safetensors.numpy import save
-
-        data = probing.load_task(task, options.max_examples, options.seed)
-        captured, lengths = probing.last_token_activations(
-            self.loaded,
-            self.resolve(hookpoints),
-            data.prompts,
-            max_tokens=options.max_tokens,
-            batch_size=options.lm_batch_size,
-        )
-        fs, base = open_filesystem(run_dir)
-        metadata = {"settings": json.dumps(options.activation_settings(model)), "positive": data.positive}
-        for hookpoint, columns in captured.items():
-            arrays = {c: v.astype(np.float16) for c, v in columns.items()}
-            arrays.update(labels=data.labels, train=data.train.astype(np.int8), tokens=lengths.astype(np.int32))
-            payload = save(arrays, metadata=metadata)
-            write_bytes_atomic(fs, f"{base}/{activations_path(folder, hookpoint, task)}", payload)
-        return task
-
-
-def read_activations(run_dir: str, folder: str, hookpoint: str, task: str) -> tuple[dict, str]:
-    """A task's stored activations at a hookpoint (float32 `input`/`output`, `labels`, boolean `train`, `tokens`)
-    and its positive class."""
-    import struct
-
-    import numpy as np
-    from safetensors.numpy import load
-
-    fs, base = open_filesystem(run_dir)
-    with fs.open_input_stream(f"{base}/{activations_path(folder, hookpoint, task)}") as f:
-        payload = f.read()
-    (size,) = struct.unpack("<Q", payload[:8])
-    positive = json.loads(payload[8 : 8 + size])["__metadata__"]["positive"]
-    arrays = load(payload)
-    for column in ("input", "output"):
-        if column in arrays:
-            arrays[column] = arrays[column].astype(np.float32)
-    arrays["train"] = arrays["train"].astype(bool)
-    return arrays, positive
 
 
 def probe_task(task: ScoreTask, run_dir: str, options: ProbeOptions, names: list[str]) -> int:
@@ -276,7 +209,6 @@ def run_probe(run_dir: str, options: ProbeOptions, *, progress=None, notice=None
 
 def _run_probe(run_dir: str, options: ProbeOptions, *, progress=None, notice=None):
     import ray
-    from ray.util import ActorPool
 
     dictionaries = probe_plan(run_dir, options)
     fs, base = open_filesystem(run_dir)
@@ -297,7 +229,7 @@ def _run_probe(run_dir: str, options: ProbeOptions, *, progress=None, notice=Non
         model, folder = keys[cache]
         for task in options.tasks:
             settings = options.activation_settings(model)
-            reasons = {_activation_stale(fs, base, activations_path(folder, h, task), settings) for h in names}
+            reasons = {activation_stale(fs, base, activations_path(folder, h, task), settings) for h in names}
             reason = next((r for r in sorted(reasons, key=str) if r is not None), None)
             if redo(reason, "activations", task):
                 capture.append((cache, task))
@@ -326,21 +258,11 @@ def _run_probe(run_dir: str, options: ProbeOptions, *, progress=None, notice=Non
         if progress is not None:
             progress(done, total, what)
 
-    cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+    if capture:  # a cluster that cannot give the GPUs fails before any work
+        require_gpus(options.gpus_per_task, "the probing activations")
     for cache in sorted({c for c, _ in capture}):
-        model, folder = keys[cache]
         names = [n for c, n in capture if c == cache]
-        worker = ray.remote(num_cpus=1, max_restarts=1, max_task_retries=2)(LastTokenWorker)
-        actors = [worker.remote(cache) for _ in range(min(cpus, len(names)))]
-        order = sorted(hookpoints[cache])
-        try:
-            for name in ActorPool(actors).map_unordered(
-                lambda actor, name, args=(run_dir, folder, model, order): actor.run.remote(*args, name, options), names
-            ):
-                step(f"activations {name}")
-        finally:
-            for actor in actors:  # their CPUs go to the probes
-                ray.kill(actor)
+        capture_activations(run_dir, cache, sorted(hookpoints[cache]), names, options, step=step, notice=notice)
     remote = ray.remote(num_cpus=1, max_retries=2)(probe_task)
     pending = {remote.remote(t, run_dir, options, todo): t.coder_id for t, todo in work.values()}
     while pending:

@@ -3,7 +3,8 @@
     RUN/trials.parquet (finished trials: checkpoint, cache, hookpoint, k)
       -> per trained coder, and per (hookpoint, k) for the MLP-neuron baseline, a Ray task:
          lexical scores of every latent on the cache's held-out split      -> RUN/scores/<coder id>.parquet
-      -> then, per trained coder, a Ray task on the language model:
+      -> then, per trained coder, a Ray task on the language model (on a GPU with `scoring.gpus_per_task`,
+         `ray_jobs.gpus`):
          spliced fidelity (CE increase, KL, top-1 drop, loss recovered)
          and the ablation of equal-firing-mass bins of latents by score    -> RUN/evaluation/<coder id>.json
       -> with `--judge llm`, per dictionary, in the driver (it waits on the network, and the API key stays in
@@ -33,6 +34,7 @@ import json
 import math
 
 from bae_core.data.cache import open_cache, open_filesystem
+from ray_jobs.gpus import fallback_notice, require_gpus
 from ray_jobs.lock import folder_lock
 from ray_jobs.score_plan import (
     ABLATION_TABLE,
@@ -83,7 +85,8 @@ def _run_score(run_dir: str, options: ScoreOptions | None = None, *, progress=No
         open_cache(cache)  # a damaged cache is named here, in one line, rather than inside a task
     by_id = {t.coder_id: t for t in tasks}
     lexical = ray.remote(num_cpus=1, max_retries=2)(lexical_task)
-    evaluation = ray.remote(num_cpus=1, max_retries=2)(evaluation_task)
+    # Only the language model's forwards ask for GPUs (`ray_jobs.gpus`); the lexical scores run on CPUs.
+    evaluation = ray.remote(num_cpus=1, num_gpus=options.gpus_per_task, max_retries=2)(evaluation_task)
 
     # Each dictionary's stages run in order (fidelity reads the lexical scores); dictionaries, and the latent
     # slices of a large one, in parallel.
@@ -110,10 +113,13 @@ def _run_score(run_dir: str, options: ScoreOptions | None = None, *, progress=No
         return failed > 0
 
     judge = [t for t in tasks if options.judge == "llm" and redo_judge(f"{LLM_DIR}/{t.coder_id}.parquet")]
+    if any("fidelity" in s for s in stages.values()):  # a cluster that cannot give the GPUs fails before any work
+        require_gpus(options.gpus_per_task, "the spliced fidelity and ablation")
     total = sum(len(s) for s in stages.values()) + len(judge)
     done = 0
     pending: dict = {}
     outstanding: dict[str, int] = {}
+    notes: set[str] = set()
 
     def submit(coder_id: str) -> None:
         if not stages[coder_id]:
@@ -149,7 +155,11 @@ def _run_score(run_dir: str, options: ScoreOptions | None = None, *, progress=No
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         coder_id = pending.pop(ready[0])
-        ray.get(ready[0])
+        result = ray.get(ready[0])
+        if isinstance(result, dict) and result.get("device_note") not in (None, *notes):
+            notes.add(result["device_note"])  # a task that asked for a GPU ran on the CPU: said once per reason
+            if notice is not None:
+                notice(fallback_notice(options.gpus_per_task, result["device_note"]))
         outstanding[coder_id] -= 1
         if outstanding[coder_id] == 0:
             finish(coder_id)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from bae_core.data.cache import open_filesystem
 from bae_core.data.paths import resolve
+from ray_jobs.gpus import check_gpus_per_task
 from ray_jobs.sweep_job import SPEC_COPY
 from ray_jobs.trials import TRIALS_TABLE
 
@@ -70,6 +71,8 @@ class ScoreOptions:
     """Eligible latents per coder the LLM judge scores (drawn with `seed`)."""
     latents_per_task: int = 2048
     """A dictionary with more latents is scored lexically by several Ray tasks, each on a slice of its latents."""
+    gpus_per_task: float = 0.0
+    """GPUs of each fidelity-and-ablation task (`ray_jobs.gpus`); where it runs changes no setting below."""
 
     def __post_init__(self):
         if self.judge not in JUDGES:
@@ -85,6 +88,7 @@ class ScoreOptions:
             raise ValueError(f"lm_dtype: choose float32, bfloat16 or float16, got {self.lm_dtype!r}")
         if self.min_examples is not None and self.min_examples < 1:
             raise ValueError(f"min_examples: must be >= 1, got {self.min_examples}")
+        check_gpus_per_task(self.gpus_per_task)
 
     def lexical_settings(self) -> dict:
         """What a lexical score file's numbers depend on; a file made with other settings is recomputed."""
@@ -126,7 +130,15 @@ class ScoreOptions:
         if fs.get_file_info(path).type.name != "NotFound":
             with fs.open_input_stream(path) as f:
                 spec = json.loads(f.read().decode()).get("scoring") or {}
-        names = ("min_examples", "test_windows", "fidelity_tokens", "ablation_bins", "lm_batch_size", "lm_dtype")
+        names = (
+            "min_examples",
+            "test_windows",
+            "fidelity_tokens",
+            "ablation_bins",
+            "lm_batch_size",
+            "lm_dtype",
+            "gpus_per_task",
+        )
         values = {k: spec[k] for k in names if spec.get(k) is not None}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -10,6 +10,7 @@ import numpy as np
 
 from bae_core.data.cache import open_filesystem, write_bytes_atomic
 from bae_core.data.paths import local_folder
+from ray_jobs.gpus import device_name, lm_device
 from ray_jobs.score_plan import (
     EVALUATION_DIR,
     LLM_DIR,
@@ -22,7 +23,7 @@ from ray_jobs.score_plan import (
 from ray_jobs.trials import write_parquet_atomic
 
 
-def _load_model(cache: str, dtype: str = "float32"):
+def _load_model(cache: str, dtype: str = "float32", device: str = "cpu"):
     import torch
 
     from bae_core.data.cache import open_cache
@@ -30,7 +31,7 @@ def _load_model(cache: str, dtype: str = "float32"):
 
     manifest = open_cache(cache)
     revision = None if manifest.model == EMBEDDED_MODEL else manifest.revision
-    return load_model(manifest.model, revision=revision, dtype=getattr(torch, dtype))
+    return load_model(manifest.model, revision=revision, dtype=getattr(torch, dtype), device=device)
 
 
 def lexical_task(task: ScoreTask, run_dir: str, options: ScoreOptions, start: int = 0, stop: int | None = None) -> str:
@@ -65,12 +66,12 @@ def lexical_task(task: ScoreTask, run_dir: str, options: ScoreOptions, start: in
     return name
 
 
-def _load_coder(checkpoint: str):
+def _load_coder(checkpoint: str, device: str = "cpu"):
     """A trained coder from its checkpoint folder, local or at a URI (s3://...)."""
     from bae_core.coders.coder import SparseCoder
 
     with local_folder(checkpoint, names=("cfg.json", "sae.safetensors")) as d:
-        return SparseCoder.load(d)
+        return SparseCoder.load(d, device=device)
 
 
 def _part(coder_id: str, start: int) -> str:
@@ -114,16 +115,18 @@ def fidelity_sequences(cache: str, hookpoint: str, tokens: int, split: str = "he
 
 
 def evaluation_task(task: ScoreTask, run_dir: str, options: ScoreOptions) -> dict:
-    """Spliced fidelity of a trained coder and its ablation by lexical score; writes
-    RUN/evaluation/<coder id>.json and returns its content."""
+    """Spliced fidelity of a trained coder and its ablation by lexical score, on a GPU when Ray gave the task one
+    (`options.gpus_per_task`, `ray_jobs.gpus.lm_device`); writes RUN/evaluation/<coder id>.json and returns its
+    content (with `device_note` when the task asked for a GPU and ran on the CPU)."""
     import torch
 
     from bae_core.data.lm import resolve_hookpoints
     from bae_core.evaluation.fidelity import fidelity_and_ablation
 
-    loaded = _load_model(task.cache, options.lm_dtype)
+    device, note = lm_device(options.gpus_per_task)
+    loaded = _load_model(task.cache, options.lm_dtype, device)
     (hook,) = resolve_hookpoints(loaded, [task.hookpoint])
-    coder = _load_coder(task.checkpoint)
+    coder = _load_coder(task.checkpoint, device)
     ids = torch.from_numpy(fidelity_sequences(task.cache, task.hookpoint, options.fidelity_tokens))
     scores = counts = None
     if options.ablation_bins:
@@ -139,6 +142,8 @@ def evaluation_task(task: ScoreTask, run_dir: str, options: ScoreOptions) -> dic
         "settings": options.evaluation_settings(),
         "fidelity": fidelity.summary(),
         "ablation": ablation,
+        "device": device_name(device),  # not a setting: the numbers depend on lm_dtype, not on the device
+        **({"device_note": note} if note else {}),
     }
     fs, base = open_filesystem(run_dir)
     write_bytes_atomic(fs, f"{base}/{EVALUATION_DIR}/{task.coder_id}.json", json.dumps(result, indent=2).encode())

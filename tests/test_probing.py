@@ -78,6 +78,9 @@ def test_bae_probe_on_the_quickstart_run(quickstart_run, local_ray, tmp_path, ca
     err = capsys.readouterr().err
     assert "task 'no_such_task': unknown" in err and "--k: 100000 is more than the 576 latents" in err
     assert len(err.strip().splitlines()) == 2 and not (run / "probing").exists()
+    assert probe_cmd(run, "--gpus-per-task", "0.5") == 2  # this cluster has no GPU: refused before any work
+    assert "is 0.5 for the probing activations, but the Ray cluster has no GPU (1 node" in capsys.readouterr().err
+    assert not (run / "probing").exists()
 
     assert probe_cmd(run) == 0
     table = pd.read_parquet(run / "probing.parquet")

@@ -69,6 +69,22 @@ def test_other_scoring_settings_redo_what_they_change(run, capsys):
     assert score(run) == 0  # back to the fixture's settings for the tests that follow
 
 
+def test_gpus_from_a_cluster_without_any_are_refused_before_any_work(run, capsys):
+    files = mtimes(run / "scores"), mtimes(run / "evaluation")
+    capsys.readouterr()
+    # Other fidelity tokens: work for the language model, which asks for half a GPU of a cluster that has none.
+    assert main(["score", str(run), *BASE[:4], "--fidelity-tokens", "96", *BASE[6:], "--gpus-per-task", "0.5"]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert line == (
+        "bae score: error: scoring.gpus_per_task (--gpus-per-task) is 0.5 for the spliced fidelity and ablation, but "
+        "the Ray cluster has no GPU (1 node, 2 CPUs, 0 GPUs), so Ray would wait for them forever; give "
+        "--gpus-per-task 0 to run the language model on CPUs, or join a cluster with GPUs (--address)"
+    )
+    assert (mtimes(run / "scores"), mtimes(run / "evaluation")) == files
+    assert score(run, "--gpus-per-task", "0.5") == 0  # nothing for the language model to do: nothing is refused
+    assert (mtimes(run / "scores"), mtimes(run / "evaluation")) == files
+
+
 def judge_args(base_url: str, model: str) -> list[str]:
     return ["--judge", "llm", "--llm-base-url", base_url, "--llm-model", model, "--llm-latents", "2"]
 

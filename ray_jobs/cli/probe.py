@@ -55,6 +55,13 @@ def add_probe_parser(sub: argparse._SubParsersAction) -> None:
         f"{DEFAULT_MAX_TOKENS})",
     )
     p.add_argument("--seed", type=int, default=None, help="seed of the prompts' draw and split (default: 0)")
+    p.add_argument(
+        "--gpus-per-task",
+        type=float,
+        default=None,
+        help="GPUs of each actor that runs the language model for the activations; fractions share a GPU; 0: CPUs "
+        "(default: the run's spec, scoring.gpus_per_task; if it has none, 0)",
+    )
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     p.set_defaults(func=run_probe_cmd)
 
@@ -74,6 +81,7 @@ def run_probe_cmd(args: argparse.Namespace) -> int:
         max_examples=args.max_examples,
         max_tokens=args.max_tokens,
         seed=args.seed,
+        gpus_per_task=args.gpus_per_task,
     )
     dictionaries = probe_plan(run, options)
     connect(args.address)

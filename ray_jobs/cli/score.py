@@ -42,6 +42,12 @@ def add_score_parser(sub: argparse._SubParsersAction) -> None:
         choices=("float32", "bfloat16", "float16"),
         help="the language model's precision for fidelity and ablation",
     )
+    spec_option(
+        p,
+        "--gpus-per-task",
+        type=float,
+        help="GPUs of each task that runs the language model (fidelity and ablation); fractions share a GPU; 0: CPUs",
+    )
     p.add_argument(
         "--seed",
         type=int,
@@ -88,6 +94,7 @@ SPEC_DEFAULTS = {
     "fidelity_tokens": 16384,
     "ablation_bins": 5,
     "lm_dtype": "float32",
+    "gpus_per_task": 0,
 }
 """What applies to an option of `bae score` that neither the command line nor the run's spec sets."""
 
@@ -171,6 +178,7 @@ def run_score_cmd(args: argparse.Namespace) -> int:
         fidelity_tokens=args.fidelity_tokens,
         ablation_bins=args.ablation_bins,
         lm_dtype=args.lm_dtype,
+        gpus_per_task=args.gpus_per_task,
         seed=args.seed,
         judge=args.judge,
         llm=_judge_config(args, run) if args.judge == "llm" else None,

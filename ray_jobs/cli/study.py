@@ -60,6 +60,7 @@ SCORE_DEFAULTS = {
     "fidelity_tokens": None,
     "ablation_bins": None,
     "lm_dtype": None,
+    "gpus_per_task": None,
     "seed": None,
     "llm_latents": 50,
 }
