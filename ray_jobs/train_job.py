@@ -1,6 +1,7 @@
 """`bae train`: one coder per hookpoint with Ray Train's `TorchTrainer`.
 
 cache shards of the hookpoint (Ray Data, read_parquet) -> split across the workers
+  -> each worker: its batches fetched, shuffled and decoded a few ahead in a background thread while it trains
   -> each worker: bae_core Trainer, data-parallel (DistributedDataParallel) when there are several
   -> every `checkpoint_every` steps rank 0 reports a checkpoint (sae.safetensors + cfg.json + the
      trainer's state + the training log); after an interruption the run resumes from the last one.
@@ -25,7 +26,7 @@ import torch
 
 from bae_core.coders.config import CoderConfig, check_positive
 from bae_core.data.cache import ShardRecord, open_cache, read_shard, unpack_activations
-from bae_core.data.reader import coder_columns
+from bae_core.data.reader import TRAINING_PREFETCH, Prefetcher, coder_columns
 from bae_core.training import StepMetrics, TrainConfig, Trainer
 from ray_jobs.runtime import storage_path
 
@@ -154,8 +155,9 @@ SHUFFLE_BUFFER_ROWS = 65_536
 """A worker shuffles its rows in a buffer of at least this many rows (and of 8 batches)."""
 
 
-def _batches(job: TrainJob, dtype: str, widths: dict[str, int], x_col: str, y_col: str | None):
-    """Endless (x, y) float32 batches from this worker's dataset shard (epochs repeat)."""
+def _batches(job: TrainJob, dtype: str, widths: dict[str, int], x_col: str, y_col: str | None) -> Prefetcher:
+    """Endless (x, y) float32 batches from this worker's dataset shard (epochs repeat), fetched, shuffled and
+    decoded TRAINING_PREFETCH batches ahead in a background thread while the worker trains."""
     import ray.train
 
     shard = ray.train.get_dataset_shard("train")
@@ -163,19 +165,23 @@ def _batches(job: TrainJob, dtype: str, widths: dict[str, int], x_col: str, y_co
     # (the in-process reader mixes a window of shards the same way).
     buffer = max(SHUFFLE_BUFFER_BATCHES * job.batch_size, SHUFFLE_BUFFER_ROWS)
     seed = TrainConfig.from_dict(job.train).seed
-    epoch = 0
-    while True:
-        epoch += 1
-        for batch in shard.iter_batches(
-            batch_size=job.batch_size,
-            batch_format="numpy",
-            drop_last=True,
-            local_shuffle_buffer_size=buffer,
-            local_shuffle_seed=seed * 1_000_003 + epoch,
-        ):
-            x = torch.from_numpy(unpack_activations(batch[x_col], dtype, widths[x_col]))
-            y = torch.from_numpy(unpack_activations(batch[y_col], dtype, widths[y_col])) if y_col else None
-            yield x, y
+
+    def decoded():
+        epoch = 0
+        while True:
+            epoch += 1
+            for batch in shard.iter_batches(
+                batch_size=job.batch_size,
+                batch_format="numpy",
+                drop_last=True,
+                local_shuffle_buffer_size=buffer,
+                local_shuffle_seed=seed * 1_000_003 + epoch,
+            ):
+                x = torch.from_numpy(unpack_activations(batch[x_col], dtype, widths[x_col]))
+                y = torch.from_numpy(unpack_activations(batch[y_col], dtype, widths[y_col])) if y_col else None
+                yield x, y
+
+    return Prefetcher(decoded(), TRAINING_PREFETCH)
 
 
 def train_loop_per_worker(config: dict) -> None:
