@@ -13,7 +13,8 @@ and `binary_topk` activations, and compares in the same run against:
 The targets are ratios, not absolute times: >= 1x sparsify's throughput, and a step that costs
 <= 2x the bare encoder matmul. Nothing is asserted; the figures are printed and written to
 benchmarks/results/train_throughput.json. Variants never run concurrently: after 2 warm-up steps each,
-they take turns one timed step at a time, and the median step of each is reported.
+they take turns one timed step at a time, and the median step of each is reported, with the interquartile
+range of the ratios taken round by round (each step against the matmul or sparsify step next to it).
 
     .venv/bin/python benchmarks/train_throughput.py [--steps 5] [--batch 4096] [--latents 4608] [--k 32] [--d-in 576]
 """
@@ -56,6 +57,12 @@ def time_round_robin(steps_by_name: dict, steps: int) -> dict[str, list[float]]:
             step()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """The 25th and 75th percentiles (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[int(0.25 * (len(ordered) - 1))], ordered[int(round(0.75 * (len(ordered) - 1)))]
 
 
 def autocast(precision: str, device: str = "cpu"):
@@ -129,6 +136,8 @@ def main() -> None:
         seconds = {name: statistics.median(t) for name, t in times.items()}
         matmul_s, ref_s = seconds["bare encoder matmul"], seconds["sparsify topk"]
         for variant, s in seconds.items():
+            per_round = zip(times[variant], times["bare encoder matmul"], times["sparsify topk"], strict=True)
+            x_matmul, vs_ref = zip(*((t / m, r / t) for t, m, r in per_round), strict=True)
             rows.append(
                 {
                     "variant": variant,
@@ -136,7 +145,9 @@ def main() -> None:
                     "s_per_step": s,
                     "tokens_per_s": args.batch / s,
                     "vs_sparsify": None if variant == "bare encoder matmul" else ref_s / s,
+                    "vs_sparsify_iqr": None if variant == "bare encoder matmul" else quartiles(vs_ref),
                     "vs_matmul": s / matmul_s,
+                    "vs_matmul_iqr": quartiles(x_matmul),
                     "all_s": times[variant],
                 }
             )
@@ -144,15 +155,22 @@ def main() -> None:
     print(f"\nbatch={args.batch} d_in={args.d_in} latents={args.latents} k={args.k} steps={args.steps} ", end="")
     print(f"threads={torch.get_num_threads()} torch={torch.__version__} lr={lr:.3g}")
     print("vs sparsify = our tokens/s / sparsify tokens/s (>1 is faster; sparsify is topk for both activations)")
-    print("x matmul    = step time / bare encoder matmul time, same precision (goal <= 2.0)\n")
-    header = f"{'variant':<22}{'precision':<11}{'s/step':>9}{'tokens/s':>11}{'vs sparsify':>13}{'x matmul':>10}"
+    print("x matmul    = step time / bare encoder matmul time, same precision (goal <= 2.0)")
+    print("[a-b]       = interquartile range of the same ratio taken round by round\n")
+    header = (
+        f"{'variant':<22}{'precision':<11}{'s/step':>9}{'tokens/s':>11}{'vs sparsify':>13}{'[IQR]':>14}"
+        f"{'x matmul':>10}{'[IQR]':>14}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
-        vs = "-" if r["vs_sparsify"] is None else f"{r['vs_sparsify']:.2f}x"
+        vs, vs_iqr = "-", ""
+        if r["vs_sparsify"] is not None:
+            vs, vs_iqr = f"{r['vs_sparsify']:.2f}x", "[{:.2f}-{:.2f}]".format(*r["vs_sparsify_iqr"])
+        xm_iqr = "[{:.2f}-{:.2f}]".format(*r["vs_matmul_iqr"])
         print(
             f"{r['variant']:<22}{r['precision']:<11}{r['s_per_step']:>9.4f}{r['tokens_per_s']:>11.0f}"
-            f"{vs:>13}{r['vs_matmul']:>9.2f}x"
+            f"{vs:>13}{vs_iqr:>14}{r['vs_matmul']:>9.2f}x{xm_iqr:>14}"
         )
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -26,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from bae_core.coders.config import CoderConfig
-from bae_core.coders.ops import binary_step, gather_linear, jump_relu
+from bae_core.coders.ops import binary_step, gather_linear, jump_relu, sparse_decode, topk_indices
 
 # Activations whose code is (values, indices) with k entries per row during training.
 SPARSE_CODE_ACTIVATIONS = frozenset({"topk", "groupmax", "binary_topk"})
@@ -67,7 +68,7 @@ class ForwardOutput:
     fvu: Tensor
     """Fraction of variance unexplained: sum ||y - y_hat||^2 / sum ||y - mean(y)||^2."""
     pre_acts: Tensor
-    """Dense pre-activations (N x M), without autograd history."""
+    """Dense pre-activations (N x M), without autograd history (in the `workspace` when `forward` was given one)."""
 
 
 class SparseCoder(nn.Module):
@@ -150,40 +151,69 @@ class SparseCoder(nn.Module):
         with torch.no_grad():
             return F.linear(self.encoder_input(x), self.encoder.weight, self.encoder.bias)
 
+    def _pre_activations_into(self, xin: Tensor, workspace: dict) -> Tensor:
+        """`F.linear(xin, W_enc, b_enc)` without autograd, written into the reused buffer `workspace["pre"]`
+        (a fresh N x M tensor costs its page faults on every call on the CPU). Autocast does not apply to
+        `out=` calls, so its cast is made here: the same addmm on the same operands as F.linear under autocast."""
+        w, b = self.encoder.weight, self.encoder.bias
+        with torch.no_grad():
+            device = xin.device.type
+            if torch.is_autocast_enabled(device):
+                dtype = torch.get_autocast_dtype(device)
+                xin, w, b = xin.to(dtype), w.to(dtype), b.to(dtype)
+            out = _reused(workspace, "pre", (xin.shape[0], w.shape[0]), xin)
+            return torch.addmm(b, xin, w.t(), out=out)
+
+    def _sparse_encoder_input(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The encoder input for `gather_linear` and the `shift` it takes: an SAE's b_dec gets its gradient as
+        a shift (a matvec) instead of through an N x d grad_x, unless x itself needs a gradient."""
+        shift = None if self.cfg.is_transcoder or x.requires_grad else self.b_dec
+        with torch.set_grad_enabled(torch.is_grad_enabled() and shift is None):
+            return self.encoder_input(x), shift
+
     def encode(self, x: Tensor) -> Code:
         """Latent code of `x` (N x d_in)."""
         return self._encode(x)[0]
 
-    def _encode(self, x: Tensor) -> tuple[Code, Tensor]:
-        """The code and the dense pre-activations (detached) of `x`."""
+    def _encode(self, x: Tensor, workspace: dict | None = None) -> tuple[Code, Tensor]:
+        """The code and the dense pre-activations (detached) of `x`; `workspace`: see `forward`."""
         cfg, k, act = self.cfg, self.cfg.k, self.cfg.activation
-        xin = self.encoder_input(x)
         w, b = self.encoder.weight, self.encoder.bias
 
         if act in SPARSE_CODE_ACTIVATIONS or (act == "binary_groupmax" and not self.training):
             # The dense matmul runs once without autograd to choose the latents; gradients flow only
             # through the selected entries (`gather_linear`), so backward costs O(N k d).
-            pre = self.pre_activations(x)
+            xin, shift = self._sparse_encoder_input(x)
+            if workspace is None:
+                with torch.no_grad():
+                    pre = F.linear(xin, w, b)
+            else:
+                pre = self._pre_activations_into(xin.detach(), workspace)
 
             def selected(indices: Tensor) -> Tensor:
-                return gather_linear(xin, w, b, indices, pre.gather(1, indices)).to(self.dtype)
+                return gather_linear(xin, w, b, indices, pre.gather(1, indices), shift).to(self.dtype)
 
             if act == "topk":
-                indices = pre.topk(k, dim=-1, sorted=False).indices
+                indices = topk_indices(pre, k)
                 return Code(F.relu(selected(indices)), indices), pre
             if act == "groupmax":
                 indices = self._group_argmax(pre)
                 return Code(F.relu(selected(indices)), indices), pre
             if act == "binary_topk":
                 theta = self.threshold
-                indices = (pre - theta.detach().to(pre.dtype)).topk(k, dim=-1, sorted=False).indices
+                theta_sel = theta.detach().to(pre.dtype)
+                if workspace is None:
+                    scores = pre - theta_sel
+                else:
+                    scores = torch.sub(pre, theta_sel, out=_reused(workspace, "scores", pre.shape, pre))
+                indices = topk_indices(scores, k)
                 z = binary_step(selected(indices), theta[indices], cfg.surrogate, cfg.temperature)
                 return Code(z, indices), pre
             indices = self._group_argmax(pre)  # binary_groupmax at eval: argmax of each group
             return Code(torch.ones(indices.shape, dtype=self.dtype, device=x.device), indices), pre
 
         # Dense codes: the gradient reaches every latent, so autograd runs through the matmul.
-        dense_pre = F.linear(xin, w, b).to(self.dtype)
+        dense_pre = F.linear(self.encoder_input(x), w, b).to(self.dtype)
         pre = dense_pre.detach()
         if act == "binary_groupmax":
             # Hard Gumbel-softmax sample per group; the gradient is the soft sample's.
@@ -216,7 +246,8 @@ class SparseCoder(nn.Module):
         masked = torch.where(dead, pre, torch.finfo(pre.dtype).min)
         indices = masked.topk(k_aux, dim=-1, sorted=False).indices
         w, b = self.encoder.weight, self.encoder.bias
-        values = gather_linear(self.encoder_input(x), w, b, indices, pre.gather(1, indices)).to(self.dtype)
+        xin, shift = self._sparse_encoder_input(x)
+        values = gather_linear(xin, w, b, indices, pre.gather(1, indices), shift).to(self.dtype)
         return F.relu(values), indices
 
     def _group_argmax(self, pre: Tensor) -> Tensor:
@@ -229,6 +260,9 @@ class SparseCoder(nn.Module):
         """y_hat from a code; `x` is needed for the skip term of a skip transcoder."""
         if code.indices is None:
             out = code.values.to(self.W_dec.dtype) @ self.W_dec
+        elif torch.is_grad_enabled() and self.W_dec.device.type == "cpu":
+            # The same embedding bag with a faster weight gradient (one sparse matmul) on the CPU.
+            out = sparse_decode(code.values, code.indices, self.W_dec)
         else:
             out = F.embedding_bag(
                 code.indices, self.W_dec, per_sample_weights=code.values.to(self.W_dec.dtype), mode="sum"
@@ -240,8 +274,13 @@ class SparseCoder(nn.Module):
             out = out + F.linear(x.to(self.W_skip.dtype), self.W_skip)
         return out
 
-    def forward(self, x: Tensor, y: Tensor | None = None) -> ForwardOutput:
-        """Encode and decode `x`; FVU is measured against `y` (defaults to `x` for an SAE)."""
+    def forward(self, x: Tensor, y: Tensor | None = None, *, workspace: dict | None = None) -> ForwardOutput:
+        """Encode and decode `x`; FVU is measured against `y` (defaults to `x` for an SAE).
+
+        `workspace`: a dict of buffers that the caller keeps from call to call, so that the N x M pre-activations
+        (and scores) reuse their memory; the returned `pre_acts` then live in it and are overwritten by the next
+        call with the same workspace. The trainer passes one on the CPU; the results are the same without.
+        """
         if x.ndim != 2 or x.shape[-1] != self.d_in:
             raise ValueError(f"x: expected shape (batch, {self.d_in}), got {tuple(x.shape)}")
         if y is None:
@@ -250,7 +289,7 @@ class SparseCoder(nn.Module):
             y = x
         elif y.shape != (x.shape[0], self.d_out):
             raise ValueError(f"y: expected shape ({x.shape[0]}, {self.d_out}), got {tuple(y.shape)}")
-        code, pre = self._encode(x)
+        code, pre = self._encode(x, workspace)
         out = self.decode(code, x)
         fvu = fraction_of_variance_unexplained(y, out)
         return ForwardOutput(out, code, fvu, pre)
@@ -266,8 +305,11 @@ class SparseCoder(nn.Module):
     def remove_gradient_parallel_to_decoder_directions(self) -> None:
         if self.W_dec.grad is None:
             return
-        parallel = (self.W_dec.grad * self.W_dec.data).sum(1, keepdim=True)
-        self.W_dec.grad -= parallel * self.W_dec.data
+        # Block by block of rows: the same values, with temporaries that stay in cache (an M x d temporary
+        # costs its page faults on every step on the CPU).
+        rows = max(1, 2**16 // self.W_dec.shape[1])
+        for grad, w in zip(self.W_dec.grad.split(rows), self.W_dec.data.split(rows), strict=True):
+            grad -= (grad * w).sum(1, keepdim=True) * w
 
     # ---- save / load -----------------------------------------------------------------------------
 
@@ -303,5 +345,26 @@ class SparseCoder(nn.Module):
 def fraction_of_variance_unexplained(y: Tensor, y_hat: Tensor) -> Tensor:
     """sum ||y - y_hat||^2 / sum ||y - mean_batch(y)||^2."""
     y = y.to(y_hat.dtype)
-    total = (y - y.mean(0)).pow(2).sum()
-    return (y - y_hat).pow(2).sum() / total.clamp_min(torch.finfo(total.dtype).tiny)
+    with torch.autocast(y_hat.device.type, enabled=False):  # in y_hat's dtype, as (y - y_hat).pow(2).sum() would be
+        # mse_loss: the same squares and sum in one pass each way (forward and backward) instead of three.
+        total = F.mse_loss(y, y.mean(0).expand_as(y), reduction="sum")
+        return F.mse_loss(y_hat, y, reduction="sum") / total.clamp_min(torch.finfo(total.dtype).tiny)
+
+
+_THREAD_LOCAL = threading.local()
+
+
+def thread_workspace() -> dict:
+    """This thread's dict of reusable buffers for `SparseCoder.forward`'s `workspace`: the trainers that step in one
+    thread (one at a time) share one set, so a process holds one N x M buffer per thread, not one per coder."""
+    if not hasattr(_THREAD_LOCAL, "workspace"):
+        _THREAD_LOCAL.workspace = {}
+    return _THREAD_LOCAL.workspace
+
+
+def _reused(workspace: dict, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """The buffer `workspace[name]` of `shape` with `like`'s dtype and device, (re)allocated when it does not fit."""
+    buf = workspace.get(name)
+    if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+        buf = workspace[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return buf

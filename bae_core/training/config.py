@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import torch
+from schedulefree import ScheduleFreeWrapper
 
 from bae_core.coders.coder import SparseCoder
 from bae_core.coders.config import check_choice, check_positive
@@ -120,7 +121,7 @@ def default_lr(coder: SparseCoder, optimizer: str) -> float:
 
 
 class SignSGD(torch.optim.Optimizer):
-    """Steepest descent in the L-infinity norm: p -= lr * sign(grad)."""
+    """Steepest descent in the L-infinity norm: p -= lr * sign(grad). The step leaves sign(grad) in p.grad."""
 
     def __init__(self, params, lr: float):
         super().__init__(params, {"lr": lr})
@@ -130,4 +131,16 @@ class SignSGD(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    p.add_(p.grad.sign(), alpha=-group["lr"])
+                    p.add_(p.grad.sign_(), alpha=-group["lr"])  # in place: no M x d temporary
+
+
+class ScheduleFree(ScheduleFreeWrapper):
+    """schedulefree's `ScheduleFreeWrapper`, whose swap of a parameter with its base iterate z exchanges the
+    two tensors' storage instead of xor-ing their bytes three times (six passes over every parameter per step
+    for the same values)."""
+
+    @staticmethod
+    def swap(x: torch.Tensor, y: torch.Tensor) -> None:  # noqa: D102
+        x_data = x.data
+        x.data = y.data
+        y.data = x_data

@@ -22,10 +22,10 @@ from safetensors.torch import load_file, save_file
 from schedulefree import ScheduleFreeWrapper
 from torch import Tensor
 
-from bae_core.coders.coder import Code, ForwardOutput, SparseCoder
+from bae_core.coders.coder import Code, ForwardOutput, SparseCoder, thread_workspace
 from bae_core.coders.config import FREE_L0_ACTIVATIONS
 from bae_core.coders.ops import binary_step
-from bae_core.training.config import SignSGD, TrainConfig, default_lr
+from bae_core.training.config import ScheduleFree, SignSGD, TrainConfig, default_lr
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class Trainer:
         self.lr = cfg.lr if cfg.lr is not None else default_lr(coder, cfg.optimizer)
         params = list(coder.parameters())
         if cfg.optimizer == "signum":
-            self.optimizer = ScheduleFreeWrapper(SignSGD(params, lr=self.lr), momentum=cfg.momentum)
+            self.optimizer = ScheduleFree(SignSGD(params, lr=self.lr), momentum=cfg.momentum)
             self.scheduler = None
         else:
             self.optimizer = torch.optim.Adam(params, lr=self.lr)
@@ -145,7 +145,8 @@ class Trainer:
         self.train_mode()
 
         with self.autocast():
-            out = self.forward_module(x, y)
+            # On the CPU the N x M pre-activations reuse this thread's buffers (a fresh one costs its page faults).
+            out = self.forward_module(x, y, workspace=thread_workspace() if self.device.type == "cpu" else None)
             loss = out.fvu
             auxk = self._auxk_loss(x, y, out) if self.cfg.auxk_alpha else None
             if auxk is not None:
@@ -226,7 +227,8 @@ class Trainer:
         x = x.to(self.device, self.coder.dtype, non_blocking=True)
         y = x if y is None else y.to(self.device, self.coder.dtype, non_blocking=True)
         for name, t in (("x", x),) if y is x else (("x", x), ("y", y)):
-            bad = (~torch.isfinite(t)).sum().item()
+            # One pass: a NaN or inf makes the sum non-finite (so can an overflow; then count exactly).
+            bad = 0 if torch.isfinite(t.sum()) else (~torch.isfinite(t)).sum().item()
             if bad:
                 raise ValueError(
                     f"{name}: training batch {self.step_count} contains {bad} NaN or inf values; "
