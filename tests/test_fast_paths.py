@@ -127,6 +127,14 @@ def test_selection_matmul_sums_each_latents_tokens_on_both_paths(monkeypatch, mi
     torch.testing.assert_close(ops._selection_matmul(indices, values, 40, dense), want)
 
 
+def test_blockwise_decoder_gradient_projection_equals_the_whole_matrix_one():
+    coder = build_coder(CoderConfig(activation="topk", k=8, num_latents=2500), 64)  # 1024-row blocks: 3
+    coder.W_dec.grad = torch.randn(2500, 64, generator=torch.Generator().manual_seed(5))
+    grad, w = coder.W_dec.grad.clone(), coder.W_dec.detach()
+    coder.remove_gradient_parallel_to_decoder_directions()
+    assert torch.equal(coder.W_dec.grad, grad - (grad * w).sum(1, keepdim=True) * w)
+
+
 def test_storage_swapping_schedule_free_matches_schedulefree_exactly():
     g = torch.Generator().manual_seed(3)
     start = [torch.randn(6, 5, generator=g), torch.randn(5, generator=g)]

@@ -305,9 +305,9 @@ class SparseCoder(nn.Module):
     def remove_gradient_parallel_to_decoder_directions(self) -> None:
         if self.W_dec.grad is None:
             return
-        # Block by block of rows: the same values, with temporaries that stay in cache (an M x d temporary
-        # costs its page faults on every step on the CPU).
-        rows = max(1, 2**16 // self.W_dec.shape[1])
+        # On the CPU block by block of rows: the same values, with temporaries that stay in cache (an M x d
+        # temporary costs its page faults on every step); on a GPU in one go (a block is a kernel launch).
+        rows = max(1, 2**16 // self.W_dec.shape[1]) if self.W_dec.device.type == "cpu" else self.num_latents
         for grad, w in zip(self.W_dec.grad.split(rows), self.W_dec.data.split(rows), strict=True):
             grad -= (grad * w).sum(1, keepdim=True) * w
 
