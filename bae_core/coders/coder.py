@@ -356,7 +356,8 @@ _THREAD_LOCAL = threading.local()
 
 def thread_workspace() -> dict:
     """This thread's dict of reusable buffers for `SparseCoder.forward`'s `workspace`: the trainers that step in one
-    thread (one at a time) share one set, so a process holds one N x M buffer per thread, not one per coder."""
+    thread (one at a time) share one set, so a process holds one N x M buffer per thread, not one per coder;
+    `Trainer.eval_mode` (checkpoints, the end of `fit`) empties it."""
     if not hasattr(_THREAD_LOCAL, "workspace"):
         _THREAD_LOCAL.workspace = {}
     return _THREAD_LOCAL.workspace

@@ -113,6 +113,7 @@ class Trainer:
         projected x, and 0.1188 / 0.1482 at the unprojected x.
         """
         self.coder.eval()
+        thread_workspace().clear()  # the step buffers go when training pauses (a checkpoint) or ends
         if isinstance(self.optimizer, ScheduleFreeWrapper):
             if self.saves_training_point:
                 self.optimizer.train()
