@@ -50,9 +50,11 @@ class TrialsTable(Callback):
     def _announce(self, trial, trials, what: str) -> None:
         if self.quiet:
             return
-        finished = sum(len(trial_points(t.config)) for t in trials if t.status in ("TERMINATED", "ERROR"))
-        finished += 0 if trial.status in ("TERMINATED", "ERROR") else len(trial_points(trial.config))
         points = trial_points(trial.config)
+        # Coders of the other ended trials: this one's status may not say it has ended yet.
+        before = sum(
+            len(trial_points(t.config)) for t in trials if t is not trial and t.status in ("TERMINATED", "ERROR")
+        )
         for i, (point, r) in enumerate(zip(points, _results(trial), strict=True)):
             settings = " ".join(f"{k}={v}" for k, v in point.items())
             figures = (
@@ -60,7 +62,7 @@ class TrialsTable(Callback):
                 if r.get("split") == "heldout"
                 else ""
             )
-            at = finished - len(points) + i + 1
+            at = before + i + 1
             print(f"  [{at}/{self.total}] {what} {settings} {figures}".rstrip(), file=sys.stderr, flush=True)
 
     def _write(self, trials) -> None:
