@@ -24,7 +24,7 @@ from typing import Any
 
 from bae_core.coders.config import CoderConfig
 from bae_core.data.cache import open_cache
-from bae_core.data.reader import coder_columns, iter_activation_batches
+from bae_core.data.reader import TRAINING_PREFETCH, coder_columns, iter_activation_batches
 from bae_core.training import TrainConfig
 from ray_jobs.runtime import storage_path
 from ray_jobs.spec import LEXICAL_METRICS, SweepSpec
@@ -206,7 +206,8 @@ def _train_in_process(
     transcoders = [m.trainer.coder.cfg.is_transcoder for m in members]
     seed = members[0].trainer.cfg.seed  # one seed per group (`SweepSpec.stream_key`)
     steps, every_ckpt = spec.training.steps, spec.training.checkpoint_every
-    # A resumed trial reads the data in a fresh order rather than repeating the batches it has seen.
+    # A resumed trial reads the data in a fresh order rather than repeating the batches it has seen. A background
+    # thread reads and decodes TRAINING_PREFETCH batches ahead, so reading overlaps the coders' steps.
     batches = iter_activation_batches(
         cache,
         hookpoint,
@@ -215,28 +216,30 @@ def _train_in_process(
         shuffle_seed=seed * 1_000_003 + start,
         epochs=None,
         manifest=manifest,
+        prefetch=TRAINING_PREFETCH,
     )
-    step = start
-    while step < steps:
-        started = time.perf_counter()
-        batch = next(batches)
-        columns = batch if isinstance(batch, tuple) else (None, batch)  # (input, output)
-        inputs, outputs = (c if c is None else c.to(device, non_blocking=True) for c in columns)
-        shared = (time.perf_counter() - started) / len(members)
-        step += 1
-        for member, transcoder in zip(members, transcoders, strict=True):
+    with batches:
+        step = start
+        while step < steps:
             started = time.perf_counter()
-            m = member.trainer.step(*((inputs, outputs) if transcoder else (outputs,)))
-            member.seconds += time.perf_counter() - started + shared
-            member.history.add(member.trainer, m, last=step == steps)
-            member.recent = [*member.recent[-(every_ckpt - 1) :], m.fvu] if every_ckpt > 1 else [m.fvu]
-            member.l0 = m.l0
-        if step % every_ckpt == 0 and step < steps:
-            progress = [_progress(member, hookpoint) for member in members]
-            with tempfile.TemporaryDirectory() as d:
-                _save(members, d, grouped)
-                report = _group_report(progress, "train") if grouped else progress[0]
-                tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
+            batch = next(batches)  # the wait for the reader: what reading costs beyond the overlap
+            columns = batch if isinstance(batch, tuple) else (None, batch)  # (input, output)
+            inputs, outputs = (c if c is None else c.to(device, non_blocking=True) for c in columns)
+            shared = (time.perf_counter() - started) / len(members)
+            step += 1
+            for member, transcoder in zip(members, transcoders, strict=True):
+                started = time.perf_counter()
+                m = member.trainer.step(*((inputs, outputs) if transcoder else (outputs,)))
+                member.seconds += time.perf_counter() - started + shared
+                member.history.add(member.trainer, m, last=step == steps)
+                member.recent = [*member.recent[-(every_ckpt - 1) :], m.fvu] if every_ckpt > 1 else [m.fvu]
+                member.l0 = m.l0
+            if step % every_ckpt == 0 and step < steps:
+                progress = [_progress(member, hookpoint) for member in members]
+                with tempfile.TemporaryDirectory() as d:
+                    _save(members, d, grouped)
+                    report = _group_report(progress, "train") if grouped else progress[0]
+                    tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
     for member in members:
         member.trainer.eval_mode()
     return members
