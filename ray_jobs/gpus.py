@@ -1,7 +1,8 @@
 """GPUs for the language-model work of `bae score` and `bae probe` (`scoring.gpus_per_task`, `--gpus-per-task`).
 
     the driver: `check_gpus_per_task` (the value), `require_gpus` (a cluster that can never grant it fails at once,
-                naming the option and what the cluster has: Ray would wait for the resource forever),
+                naming the option and what the cluster has, since Ray would wait for the resource forever; one
+                that may yet add GPU nodes through its autoscaler gets a printed note instead),
                 `gpu_slots` (how many such tasks the cluster runs at once)
     a task:     `lm_device` (cuda when Ray gave the task a GPU and torch sees one; else the CPU, with a note that
                 the driver prints, because the workers' logs do not reach the console)
@@ -46,25 +47,79 @@ def gpu_slots(gpus: float, cpus: float = 1.0) -> int:
     )
 
 
-def require_gpus(gpus: float, what: str) -> None:
-    """Raise a ValueError (bad input: exit 2) when `gpus` > 0 and no node of the Ray cluster has that many GPUs
-    and a CPU, saying what the cluster has; `what` names the work that needs them."""
+def require_gpus(gpus: float, what: str) -> str | None:
+    """Check before any work that the Ray cluster can ever grant tasks of `gpus` GPUs and a CPU; `what` names the
+    work that needs them. Ray would otherwise wait for the resource forever.
+
+    - A node has them now (or `gpus` is 0): None.
+    - The cluster cannot grow: a ValueError (bad input: exit 2) that says what the cluster has. That is a cluster
+      this process started (`bae score` without an address, RAY_ADDRESS=local), or one whose autoscaler reports
+      its node types (`ray._private.state.state.get_cluster_config()`, as Ray Train and Ray Data read it) and no
+      type has them.
+    - A node type the autoscaler reports has them: a note to print (the work waits for such a node).
+    - Otherwise (a cluster this process joined, whose node types Ray does not say, as with the v1 autoscaler of
+      `ray up cluster.yaml`, whose GPU workers start from 0): a note to print that the work waits for the
+      autoscaler, and how to stop if none comes.
+    """
     if not gpus or gpu_slots(gpus) > 0:
-        return
-    nodes = _nodes()
+        return None
+    nodes, types = _nodes(), _node_types()
     cpus = sum(r.get("CPU", 0) for r in nodes)
     most = max((r.get("GPU", 0) for r in nodes), default=0)
-    has = f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}, {cpus:g} CPUs"
+    has = f"{_count(len(nodes), 'node')}, {_count(cpus, 'CPU')}"
     if not most:
         problem = f"the Ray cluster has no GPU ({has}, 0 GPUs)"
-        fix = "give --gpus-per-task 0 to run the language model on CPUs, or join a cluster with GPUs (--address)"
     else:
         problem = (
-            f"no node of the Ray cluster has {gpus:g} GPUs and a CPU ({has}; at most {most:g} "
-            f"GPU{'s' if most != 1 else ''} on a node)"
+            f"no node of the Ray cluster has {gpus:g} GPUs and a CPU ({has}; at most {_count(most, 'GPU')} on a node)"
         )
+    if types is not None:
+        fitting = sorted(name for name, r, _ in types if r.get("GPU", 0) >= gpus and r.get("CPU", 0) >= 1)
+        if fitting:
+            return (
+                f"{OPTION} is {gpus:g} for {what}, and {problem} yet: the work waits for the autoscaler to start "
+                f"a node of type {', '.join(fitting)}"
+            )
+        problem += f", nor has any node type its autoscaler can start ({', '.join(n for n, _, _ in types)})"
+        most = max([most, *(r.get("GPU", 0) for _, r, _ in types if r.get("CPU", 0) >= 1)])
+    if not most:
+        fix = "give --gpus-per-task 0 to run the language model on CPUs, or join a cluster with GPUs (--address)"
+    else:
         fix = f"give --gpus-per-task {most:g} or less"
+    if types is None and not _started_here():
+        return (
+            f"{OPTION} is {gpus:g} for {what}, but {problem} yet: the work waits until the cluster's autoscaler "
+            "adds a node with GPUs (cluster.yaml's GPU workers start from 0). If this cluster cannot add one, "
+            f"it waits forever: stop it with Ctrl-C (what is done is kept) and {fix}"
+        )
     raise ValueError(f"{OPTION} is {gpus:g} for {what}, but {problem}, so Ray would wait for them forever; {fix}")
+
+
+def _count(n: float, what: str) -> str:
+    return f"{n:g} {what}{'' if n == 1 else 's'}"
+
+
+def _node_types() -> list[tuple[str, dict, int]] | None:
+    """The node types the cluster's autoscaler can start, as (name, resources, most nodes), where it reports them to
+    Ray (the v2 autoscaler; not the v1 autoscaler of `ray up`, nor a cluster started without one); else None."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 -- a private API: without it, the node types are unknown
+        return None
+    if config is None or not config.node_group_configs:
+        return None
+    return [(g.name, dict(g.resources), g.max_count) for g in config.node_group_configs if g.max_count != 0]
+
+
+def _started_here() -> bool:
+    """Whether this process started the Ray cluster it is connected to (ray.init without an address): no
+    autoscaler runs for it, so it never has more than it has now."""
+    from ray._private import worker
+
+    node = getattr(worker, "_global_node", None)
+    return bool(getattr(node, "head", False))
 
 
 def lm_device(gpus: float) -> tuple[str, str | None]:

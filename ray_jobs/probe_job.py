@@ -18,6 +18,7 @@ only the (dictionary, task) results that are missing or were made with other set
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, replace
 
 from bae_core.data.cache import open_cache, open_filesystem, write_bytes_atomic
@@ -39,6 +40,8 @@ from ray_jobs.trials import TRIALS_TABLE, write_parquet_atomic
 PROBING_TABLE = "probing.parquet"
 RAW = {"raw_input": "input", "raw_output": "output", "mlp_neurons_dense": "input"}
 """Baseline dictionaries made of a hookpoint's raw activations, and the activation each is read from."""
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -258,8 +261,10 @@ def _run_probe(run_dir: str, options: ProbeOptions, *, progress=None, notice=Non
         if progress is not None:
             progress(done, total, what)
 
-    if capture:  # a cluster that cannot give the GPUs fails before any work
-        require_gpus(options.gpus_per_task, "the probing activations")
+    if capture:  # a cluster that can never give the GPUs fails before any work
+        waits = require_gpus(options.gpus_per_task, "the probing activations")
+        if waits is not None:
+            (notice or log.warning)(waits)
     for cache in sorted({c for c, _ in capture}):
         names = [n for c, n in capture if c == cache]
         capture_activations(run_dir, cache, sorted(hookpoints[cache]), names, options, step=step, notice=notice)

@@ -31,6 +31,7 @@ first (`open_cache`: a missing or truncated shard is named with its repair befor
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 from bae_core.data.cache import open_cache, open_filesystem
@@ -64,6 +65,8 @@ from ray_jobs.score_tasks import (
     llm_task,
 )
 from ray_jobs.trials import TRIALS_TABLE, write_parquet_atomic
+
+log = logging.getLogger(__name__)
 
 
 def run_score(run_dir: str, options: ScoreOptions | None = None, *, progress=None, notice=None, **overrides):
@@ -113,8 +116,10 @@ def _run_score(run_dir: str, options: ScoreOptions | None = None, *, progress=No
         return failed > 0
 
     judge = [t for t in tasks if options.judge == "llm" and redo_judge(f"{LLM_DIR}/{t.coder_id}.parquet")]
-    if any("fidelity" in s for s in stages.values()):  # a cluster that cannot give the GPUs fails before any work
-        require_gpus(options.gpus_per_task, "the spliced fidelity and ablation")
+    if any("fidelity" in s for s in stages.values()):  # a cluster that can never give the GPUs fails before any work
+        waits = require_gpus(options.gpus_per_task, "the spliced fidelity and ablation")
+        if waits is not None:
+            (notice or log.warning)(waits)
     total = sum(len(s) for s in stages.values()) + len(judge)
     done = 0
     pending: dict = {}

@@ -1,5 +1,6 @@
 """Several Ray nodes on one machine (`ray.cluster_utils.Cluster`, real raylets): the cache is written by actors
-on more than one node, and a node that dies in the middle of a sweep costs no finished trial."""
+on more than one node, a node that dies in the middle of a sweep costs no finished trial, and GPUs that no node has
+yet are waited for (the cluster may add them) rather than refused."""
 
 import contextlib
 import json
@@ -15,6 +16,7 @@ from resume_checks import reported_steps, resumed_from
 
 from bae_core.data.cache import verify_cache
 from ray_jobs.cache_job import run_cache
+from ray_jobs.gpus import require_gpus
 from ray_jobs.spec import parse_spec
 from ray_jobs.sweep_job import run_sweep
 from ray_jobs.trials import TRIALS_TABLE
@@ -52,6 +54,20 @@ def test_cache_is_written_by_actors_on_two_nodes(cluster, cache_root):
     (_, workers), (root, manifest) = cluster, cache_root
     assert {s.node for s in manifest.shards} == {w.node_id for w in workers}
     assert verify_cache(str(root)) == len(manifest.shards) == 2048 // 256 + 2048 // 256
+
+
+def test_gpus_on_a_joined_cluster_without_them_are_waited_for_with_a_note(cluster):
+    # A cluster this process joined may add GPU nodes through its autoscaler (cluster.yaml's GPU workers start
+    # from 0), and Ray does not say whether it can: the work is not refused, and the note says how to stop.
+    note = require_gpus(0.25, "the spliced fidelity and ablation")
+    assert note.startswith(
+        "scoring.gpus_per_task (--gpus-per-task) is 0.25 for the spliced fidelity and ablation, but the Ray cluster "
+        "has no GPU (3 nodes, 2 CPUs, 0 GPUs) yet: the work waits until the cluster's autoscaler adds a node with GPUs"
+    )
+    assert note.endswith(
+        "stop it with Ctrl-C (what is done is kept) and give --gpus-per-task 0 to run the language "
+        "model on CPUs, or join a cluster with GPUs (--address)"
+    )
 
 
 def test_a_node_lost_mid_sweep_costs_no_finished_trial(cluster, cache_root, tmp_path, make_spec):

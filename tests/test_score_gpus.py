@@ -98,3 +98,37 @@ def test_the_probing_actors_are_given_the_gpu_and_fall_back_to_the_cpu(logical_g
     while ray.available_resources().get("GPU") != 1 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert ray.available_resources().get("GPU") == 1  # the actor is gone and its share of the GPU with it
+
+
+def test_a_cluster_whose_autoscaler_can_add_gpu_nodes_is_waited_for_and_one_that_cannot_is_refused(logical_gpu):
+    """The node types an autoscaler reports to Ray's GCS (the v2 autoscaler does; written here the way it writes
+    them) decide: a type with the GPUs is waited for with a note, none is refused, naming the types."""
+    from ray._private.worker import global_worker
+    from ray.core.generated.autoscaler_pb2 import ClusterConfig, NodeGroupConfig
+
+    def report(*groups: NodeGroupConfig) -> None:
+        global_worker.gcs_client.report_cluster_config(ClusterConfig(node_group_configs=groups).SerializeToString())
+
+    head = NodeGroupConfig(name="head", resources={"CPU": 2}, min_count=1, max_count=1)
+    try:
+        report(head, NodeGroupConfig(name="gpu_worker", resources={"CPU": 8, "GPU": 4}, min_count=0, max_count=2))
+        note = require_gpus(2, "the spliced fidelity and ablation")
+        assert note == (
+            "scoring.gpus_per_task (--gpus-per-task) is 2 for the spliced fidelity and ablation, and no node of the "
+            "Ray cluster has 2 GPUs and a CPU (1 node, 2 CPUs; at most 1 GPU on a node) yet: the work waits for the "
+            "autoscaler to start a node of type gpu_worker"
+        )
+        with pytest.raises(
+            ValueError,
+            match=r"nor has any node type its autoscaler can start \(head, gpu_worker\), so "
+            r"Ray would wait for them forever; give --gpus-per-task 4 or less$",
+        ):
+            require_gpus(8, "the spliced fidelity and ablation")
+        report(head, NodeGroupConfig(name="gpu_worker", resources={"CPU": 8, "GPU": 4}, min_count=0, max_count=0))
+        with pytest.raises(ValueError, match=r"can start \(head\), so .* give --gpus-per-task 1 or less$"):
+            require_gpus(2, "x")  # a type that may have no node is not one the autoscaler can start
+        assert require_gpus(1, "x") is None  # the node has it now
+    finally:
+        report()  # no node types: a cluster this process started, which never grows
+    with pytest.raises(ValueError, match=r"on a node\), so Ray would wait for them forever; give --gpus-per-task 1"):
+        require_gpus(2, "x")
