@@ -47,6 +47,9 @@ bench: $(DEV_STAMP)
 	$(BIN)/python benchmarks/cache_throughput.py
 	$(BIN)/python benchmarks/sweep_overhead.py
 	$(BIN)/python benchmarks/lexical_throughput.py
+	$(BIN)/python benchmarks/io_throughput.py
+	$(BIN)/python benchmarks/reader_overlap.py
+	$(BIN)/python benchmarks/shared_stream.py --cache benchmarks/results/reader_overlap_cache
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -10,8 +10,12 @@ trials use (`bae_core.data.reader.iter_activation_batches`) and `Trainer.step`, 
 - shared: one reader, each batch stepped through the N coders.
 
 For N = 1, 2, 4, 8 it prints coder-tokens/s (tokens trained per second summed over the N coders), the ratio shared
-/ separate, and the share of the time spent reading and decoding in each. The two modes take turns, `--repeats`
-times, and the median is reported; nothing is asserted. Results: benchmarks/results/shared_stream.json.
+/ separate, and the share of the time spent reading and decoding in each; beside them the bound, what sharing can
+give at most (the separate run's reads divided by N: 1 / (1 - r + r / N) for its read share r), and the check, the
+time of one coder's step in separate / shared mode, which should read about 1.00 (N = 1 runs the same code in both
+modes: its ratio is the noise floor). The two modes take turns, `--repeats`
+times, each going first in every other round, and the median run is reported; nothing is asserted. Results:
+benchmarks/results/shared_stream.json.
 
     .venv/bin/python benchmarks/shared_stream.py [--cache runs/quickstart/cache] [--ns 1,2,4,8] [--steps 16]
         [--batch 4096] [--latents 4608] [--k 32] [--precision bf16] [--transcoder]
@@ -21,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -66,7 +69,7 @@ def measure(n: int, shared: bool, args, manifest, widths) -> dict:
         _step(trainer, next(warm_up))
     warm_up.close()
     # Timed from the streams' start: their first window of shards is read in the timed steps.
-    streams = [_stream(args, manifest)] * (1 if shared else n)
+    streams = [_stream(args, manifest) for _ in range(1 if shared else n)]  # separate: a reader per coder
     read = compute = 0.0
     reads = 0
     for _ in range(args.steps):
@@ -79,6 +82,8 @@ def measure(n: int, shared: bool, args, manifest, widths) -> dict:
             started = time.perf_counter()
             _step(trainer, batch)
             compute += time.perf_counter() - started
+    for stream in streams:
+        stream.close()
     total = read + compute
     return {
         "n": n,
@@ -86,8 +91,10 @@ def measure(n: int, shared: bool, args, manifest, widths) -> dict:
         "seconds": total,
         "read_seconds": read,
         "batches_read": reads,
+        "readers": len({id(stream) for stream in streams}),
         "coder_tokens_per_s": n * args.steps * args.batch / total,
         "read_share": read / total,
+        "step_seconds": compute / (n * args.steps),
     }
 
 
@@ -102,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         default=16,
         help="timed steps per coder (16 x 4096 rows: a window of 8 shards of the quickstart's cache)",
     )
-    parser.add_argument("--repeats", type=int, default=2, help="rounds of (separate, shared); the median is kept")
+    parser.add_argument("--repeats", type=int, default=4, help="rounds of (separate, shared); the median is kept")
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--latents", type=int, default=4608)
     parser.add_argument("--k", type=int, default=32)
@@ -127,25 +134,29 @@ def main(argv: list[str] | None = None) -> int:
         f" topk k={args.k}, {args.latents} latents, batch {args.batch}, {args.precision}, {args.steps} steps per "
         f"coder, median of {args.repeats}, torch threads {torch.get_num_threads()}"
     )
-    header = ("N", "separate tok/s", "read share", "shared tok/s", "read share", "shared/sep")
-    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (3, 15, 10, 13, 10, 10), strict=True)))
+    header = ("N", "separate tok/s", "read share", "shared tok/s", "read share", "shared/sep", "bound", "steps")
+    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (3, 15, 10, 13, 10, 10, 6, 6), strict=True)))
     measure(1, True, args, manifest, widths)  # untimed: first use of the kernels
     for n in ns:
         runs = {"separate": [], "shared": []}
-        for _ in range(args.repeats):
-            for shared in (False, True):
+        for repeat in range(args.repeats):
+            for shared in (False, True) if repeat % 2 == 0 else (True, False):  # neither always goes first
                 r = measure(n, shared, args, manifest, widths)
                 runs[r["mode"]].append(r)
-        med = {
-            mode: min(rs, key=lambda r: abs(r["seconds"] - statistics.median(x["seconds"] for x in rs)))
-            for mode, rs in runs.items()
-        }
+        # The median run (of an even number, the faster of the middle two).
+        med = {mode: sorted(rs, key=lambda r: r["seconds"])[(len(rs) - 1) // 2] for mode, rs in runs.items()}
         ratio = med["shared"]["coder_tokens_per_s"] / med["separate"]["coder_tokens_per_s"]
+        # What sharing can give at most: the separate run's reads divided by N, its steps unchanged.
+        share = med["separate"]["read_share"]
+        bound = 1 / (1 - share + share / n)
+        # The check: a coder's step costs the same in both modes, so this reads about 1.00.
+        steps = med["separate"]["step_seconds"] / med["shared"]["step_seconds"]
         print(
             f"{n:>3} {med['separate']['coder_tokens_per_s']:>15,.0f} {med['separate']['read_share']:>10.1%} "
-            f"{med['shared']['coder_tokens_per_s']:>13,.0f} {med['shared']['read_share']:>10.1%} {ratio:>9.2f}x"
+            f"{med['shared']['coder_tokens_per_s']:>13,.0f} {med['shared']['read_share']:>10.1%} {ratio:>9.2f}x "
+            f"{bound:>5.2f}x {steps:>5.2f}x"
         )
-        rows.append({"n": n, "ratio": ratio, "median": med, "runs": runs})
+        rows.append({"n": n, "ratio": ratio, "bound": bound, "step_ratio": steps, "median": med, "runs": runs})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2))
     return 0

@@ -5,9 +5,10 @@ the cache's size on disk, what each trial reads, and device-hours of training an
 FLOPs are counted per token, a multiply-add as 2, for the arithmetic this project's coders do (bae_core/coders):
 
 - topk, binary_topk, groupmax (a sparse code of k latents): the dense encoder matmul runs once without autograd to
-  choose the latents, 2 M d_in; the backward touches only the k selected latents (their encoder rows and the input,
-  4 k d_in); the decoder is an embedding bag of k rows, forward and backward (decoder rows and code values),
-  6 k d_out. Total 2 M d_in + 4 k d_in + 6 k d_out: the dense 6 M (d_in + d_out) of an autograd SAE is not spent.
+  choose the latents, 2 M d_in; the backward touches only the k selected latents' encoder rows, 2 k d_in (no gradient
+  flows to the input: the coder's input is data); the decoder is an embedding bag of k rows, forward and backward
+  (decoder rows and code values), 6 k d_out. Total 2 M d_in + 2 k d_in + 6 k d_out: the dense 6 M (d_in + d_out) of
+  an autograd SAE is not spent.
 - batchtopk, jumprelu, binary_threshold, binary_groupmax (a dense code): encoder and decoder matmuls forward and
   backward, 6 M (d_in + d_out).
 - a skip transcoder adds its d_out x d_in matrix, forward and weight gradient: 4 d_in d_out.
@@ -37,7 +38,7 @@ def training_flops(activation: str, kind: str, d_in: int, d_out: int, num_latent
     """Counted FLOPs per token of one training step of one coder (see the module docstring)."""
     skip = 4 * d_in * d_out if kind == "skip_transcoder" else 0
     if activation in SPARSE_CODE_ACTIVATIONS:
-        return 2 * num_latents * d_in + 4 * k * d_in + 6 * k * d_out + skip
+        return 2 * num_latents * d_in + 2 * k * d_in + 6 * k * d_out + skip
     return 6 * num_latents * (d_in + d_out) + skip
 
 

@@ -4,7 +4,9 @@ Nothing here imports Ray."""
 
 from __future__ import annotations
 
+from bae_core.coders.coder import SPARSE_CODE_ACTIVATIONS
 from bae_core.coders.config import CoderConfig
+from bae_core.training import TrainConfig
 from ray_jobs.cost import Shape, describe_cost
 from ray_jobs.spec import SweepSpec
 
@@ -17,10 +19,23 @@ def coder_parameters(kind: str, d_in: int, d_out: int, num_latents: int, has_thr
     return n + (num_latents if has_threshold else 0)
 
 
-def trial_memory_bytes(parameters: int, batch_size: int, num_latents: int) -> int:
-    """Rough peak memory of one training trial: fp32 weights, gradients and two optimiser buffers, plus
-    the dense pre-activations of a batch and their gradient."""
-    return 16 * parameters + 12 * batch_size * num_latents
+def trial_memory_bytes(
+    parameters: int, batch_size: int, num_latents: int, activation: str, precision: str, optimizer: str
+) -> int:
+    """Rough peak memory of training one coder, from what a step allocates (an estimate, not measured on a GPU).
+
+    Per parameter: the fp32 weight and its gradient, the optimiser's state (schedule-free sign-SGD keeps z, Adam
+    two moments) and, in bf16, the weights' bf16 copies. Per batch row and latent: a sparse code (topk, groupmax)
+    keeps only the pre-activations that choose the latents, in the matmul's dtype, and binary_topk its scores
+    too (no dense gradient: the backward touches the k selected latents); a dense code runs autograd through the
+    matmul: its output, an fp32 copy, the code and their gradients, about 12 bytes in fp32 and 16 in bf16."""
+    bf16 = precision == "bf16"
+    per_parameter = 8 + (4 if optimizer == "signum" else 8) + (2 if bf16 else 0)
+    if activation in SPARSE_CODE_ACTIVATIONS:
+        per_latent = (2 if bf16 else 4) * (2 if activation == "binary_topk" else 1)
+    else:
+        per_latent = 16 if bf16 else 12
+    return per_parameter * parameters + per_latent * batch_size * num_latents
 
 
 def describe_plan(
@@ -88,7 +103,7 @@ def describe_plan(
 
     rows = []
     for i, point in enumerate(spec.grid(), start=1):
-        hookpoint, coder, _ = spec.trial_settings(point)
+        hookpoint, coder, train = spec.trial_settings(point)
         cfg = CoderConfig(**coder)
         w = (widths or {}).get(hookpoint)
         if w is None:
@@ -102,7 +117,7 @@ def describe_plan(
             m = cfg.latents_for(d_in)
             p = coder_parameters(cfg.kind, d_in, w["output"], m, cfg.has_threshold)
             latents, params = f"{m:,}", f"{p / 1e6:.1f}M"
-            memory = f"{trial_memory_bytes(p, training.batch_size // res.workers, m) / 2**30:.1f} GiB"
+            memory = f"{_memory(p, training.batch_size // res.workers, m, cfg, train) / 2**30:.1f} GiB"
         rows.append(
             [str(i), hookpoint, cfg.activation, cfg.kind, str(cfg.k), latents, params, memory]
             + [str(point[k]) for k in point if k not in ("hookpoint", "activation", "kind", "k")]
@@ -117,4 +132,34 @@ def describe_plan(
         lines.append(f"  (each of the {len(rows)} combinations runs {search.num_samples} times)")
     if widths is None:
         lines.append("  (the model's config is not available offline: sizes are shown as multiples of d_in)")
+    elif res.coders_per_trial > 1:
+        lines.extend(f"  {line}" for line in _group_memory(spec, widths))
     return "\n".join([*lines, "", *describe_cost(spec, shape, **(rates or {}))])
+
+
+def _memory(parameters: int, batch: int, num_latents: int, cfg: CoderConfig, train: dict) -> int:
+    precision, optimizer = (train.get(key, getattr(TrainConfig, key)) for key in ("precision", "optimizer"))
+    return trial_memory_bytes(parameters, batch, num_latents, cfg.activation, precision, optimizer)
+
+
+def _group_memory(spec: SweepSpec, widths: dict[str, dict[str, int]]) -> list[str]:
+    """The memory of the largest trial of grouped coders: each coder's weights, gradients and optimiser state, and
+    one coder's step at a time (the coders step in turn; the largest step of the group)."""
+    batch = spec.training.batch_size // spec.resources.workers
+    peak = 0
+    for group in spec.trial_groups():
+        weights = step = 0
+        for point in group:
+            hookpoint, coder, train = spec.trial_settings(point)
+            cfg, w = CoderConfig(**coder), widths[hookpoint]
+            d_in = w.get("input", w["output"]) if cfg.is_transcoder else w["output"]
+            m = cfg.latents_for(d_in)
+            p = coder_parameters(cfg.kind, d_in, w["output"], m, cfg.has_threshold)
+            weights += _memory(p, 0, m, cfg, train)
+            step = max(step, _memory(0, batch, m, cfg, train))
+        peak = max(peak, weights + step)
+    return [
+        f"(memory/trial is one coder's; a trial of up to {spec.resources.coders_per_trial} coders holds each one's "
+        "weights and optimiser state",
+        f" and one coder's step at a time: up to {peak / 2**30:.1f} GiB; estimates, not measured on a GPU)",
+    ]

@@ -213,13 +213,18 @@ class SweepSpec(_Section):
 
     def trial_groups(self) -> list[list[dict[str, Any]]]:
         """The grid's points as Tune trials: points of one stream (`stream_key`), at most
-        `resources.coders_per_trial` per trial, each group in grid order and the groups in the order of their
-        first point."""
+        `resources.coders_per_trial` per trial. Within a stream the coders that read only the output (SAEs) come
+        before those that also read the input (transcoders), each in grid order, so that as few trials as the
+        grouping allows read the input column too; the groups come in the order of their streams' first points."""
         size = self.resources.coders_per_trial
         streams: dict[tuple[str, int], list[dict[str, Any]]] = {}
         for point in self.grid():
             streams.setdefault(self.stream_key(point), []).append(point)
-        return [points[i : i + size] for points in streams.values() for i in range(0, len(points), size)]
+        groups = []
+        for points in streams.values():
+            points = sorted(points, key=lambda p: CoderConfig(**self.trial_settings(p)[1]).is_transcoder)
+            groups += [points[i : i + size] for i in range(0, len(points), size)]
+        return groups
 
     def grid(self) -> list[dict[str, Any]]:
         """Every combination of the space's lists, in spec order (grid search only)."""

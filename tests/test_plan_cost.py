@@ -66,17 +66,17 @@ def test_the_cost_of_a_small_spec_is_the_hand_computation(tmp_path):
         (2, ("output",), 1280 * 20),
         (2, ("input", "output"), 1280 * 32),
     ]
-    # FLOPs per token, 2 M d_in + 4 k d_in + 6 k d_out (+ 4 d_in d_out for the skip), M = 2 x d_in:
-    # sae k4: 400 + 160 + 240 = 800; sae k8: 400 + 320 + 480 = 1200;
-    # skip k4: 144 + 96 + 240 + 240 = 720; skip k8: 144 + 192 + 480 + 240 = 1056.
-    assert cost.training_flops == (800 + 1200 + 720 + 1056) * 1280
+    # FLOPs per token, 2 M d_in + 2 k d_in + 6 k d_out (+ 4 d_in d_out for the skip), M = 2 x d_in:
+    # sae k4: 400 + 80 + 240 = 720; sae k8: 400 + 160 + 480 = 1040;
+    # skip k4: 144 + 48 + 240 + 240 = 672; skip k8: 144 + 96 + 480 + 240 = 960.
+    assert cost.training_flops == (720 + 1040 + 672 + 960) * 1280
     # 2 threads per trial at 1 MFLOP/s each; reading on one core at the float16 reader's rate.
     one, two = R.READ_DECODE["float16"][1].value, R.READ_DECODE["float16"][2].value  # rows/s reading 1 or 2 columns
-    assert cost.trials[0].compute_s == pytest.approx(2000 * 1280 / 2e6)
-    assert cost.trials[1].compute_s == pytest.approx(1776 * 1280 / 2e6)
+    assert cost.trials[0].compute_s == pytest.approx(1760 * 1280 / 2e6)
+    assert cost.trials[1].compute_s == pytest.approx(1632 * 1280 / 2e6)
     assert [t.read_s for t in cost.trials] == pytest.approx([1280 / one, 1280 / two])
     busy, overlapped, serial = cost.device_hours()
-    assert busy == pytest.approx((1.28 + 1.13664) * 2 / 3600)
+    assert busy == pytest.approx((1.1264 + 1.04448) * 2 / 3600)
     assert overlapped == busy  # these reads are far quicker than the arithmetic
     assert serial == pytest.approx(busy + (1280 / one + 1280 / two) * 2 / 3600)
     assert cost.write_s == pytest.approx(1248 * 37.5 / R.SHARD_WRITE.value)
@@ -85,8 +85,8 @@ def test_the_cost_of_a_small_spec_is_the_hand_computation(tmp_path):
     text = " ".join(" ".join(describe_cost(spec, shape, train_rate=rate, forward_rate=rate)).split())  # unwrapped
     for figure in ("1,248 tokens", "992 train + 256 held-out", "15 forward passes", "7.2 kFLOP per token",
                    "37.5 bytes/token", "in all 46.8 kB", "1 read output (25.6 kB each)",
-                   "1 read input + output (41.0 kB each)", "4.8 MFLOP counted", "0.0013 CPU core-hours computing",
-                   "compute is the bound", "sae 0.8-1.2 kFLOP", "1.0 MFLOP/s per thread: given"):  # fmt: skip
+                   "1 read input + output (41.0 kB each)", "4.3 MFLOP counted", "0.0012 CPU core-hours computing",
+                   "compute is the bound", "sae 0.7-1.0 kFLOP", "1.0 MFLOP/s per thread: given"):  # fmt: skip
         assert figure in text, figure
 
 
@@ -113,16 +113,23 @@ def test_the_papers_cost_by_hand():
     assert (cost.tokens, cost.forward_passes) == (24_902 * 2048, 381 * 2 + 1 + 7 * 2 + 2)
     # 4 hookpoints x (input + output, 576 wide in float16: 2 x 1152 bytes + 5.5) per token: about 471 GB.
     assert cost.storage_bytes == pytest.approx(4 * 2309.5 * 50_999_296) and 471e9 < cost.storage_bytes < 472e9
-    # 24 trials (4 hookpoints x 3 seeds x 2 groups of 8), each reading input + output of 3,000 x 65,536 tokens.
-    assert len(cost.trials) == 24 and {t.read_bytes for t in cost.trials} == {196_608_000 * 2304}
-    # Per 16 coders of a stream: 16 x 2 x 36,864 x 576 + 4 x 5,760 x (16 + 32 + 64 + 128) + 8 x 4 x 576^2.
-    assert cost.training_flops == 12 * 196_608_000 * (16 * 42_467_328 + 4 * 5760 * 240 + 8 * 1_327_104)
+    # 24 trials (4 hookpoints x 3 seeds x 2 groups of 8) of 3,000 x 65,536 tokens: a stream's 8 SAEs read the output,
+    # its 8 skip transcoders input + output.
+    assert (
+        len(cost.trials) == 24 and [t.read_bytes for t in cost.trials] == [196_608_000 * 1152, 196_608_000 * 2304] * 12
+    )
+    assert [t.columns for t in cost.trials[:2]] == [("output",), ("input", "output")]
+    # Per 16 coders of a stream: 16 x 2 x 36,864 x 576 + 4 x (2 + 6) x 576 x (16 + 32 + 64 + 128) + 8 x 4 x 576^2.
+    assert cost.training_flops == 12 * 196_608_000 * (16 * 42_467_328 + 4 * 4608 * 240 + 8 * 1_327_104)
     busy, overlapped, _ = cost.device_hours()
     if R.gpu_train_rate("bf16").assumed:
         assert busy == pytest.approx(cost.training_flops / 98.9e12 / 3600)  # 4.6 GPU-hours
-        # Reading 65,536 rows of input and output per step on one core outlasts 8 coders' arithmetic.
-        assert all(t.read_s > t.compute_s for t in cost.trials)
-        assert overlapped == pytest.approx(24 * 3000 * 65536 / R.READ_DECODE["float16"][2].value / 3600)
+        # Reading 65,536 rows of input and output per step on one core outlasts 8 transcoders' arithmetic.
+        assert all(t.read_s > t.compute_s for t in cost.trials[1::2])
+        held = sum(max(t.read_s, t.compute_s) for t in cost.trials)
+        assert overlapped == pytest.approx(held / 3600)
+        two = 3000 * 65536 / R.READ_DECODE["float16"][2].value
+        assert all(t.read_s == pytest.approx(two) for t in cost.trials[1::2])
 
 
 def test_a_gpu_rate_measured_by_gpu_check_replaces_the_assumption(tmp_path):
@@ -136,7 +143,7 @@ def test_a_gpu_rate_measured_by_gpu_check_replaces_the_assumption(tmp_path):
     results.write_text(json.dumps({"meta": {"device": "NVIDIA H200", "shape": shape}, "throughput": rows}))
     rate = R.gpu_train_rate("bf16", results)
     ours = [r for r in rows if r["variant"].startswith("bae_core")]
-    flops = 2 * 64 * 16 + 4 * 4 * 16 + 6 * 4 * 16
+    flops = 2 * 64 * 16 + 2 * 4 * 16 + 6 * 4 * 16
     assert len(ours) == 2 and not rate.assumed and "NVIDIA H200" in rate.source
     assert rate.value == pytest.approx(sum(r["tokens_per_s"] for r in ours) / 2 * flops)
     assert R.gpu_train_rate("fp32", results).assumed  # gpu_check measures bf16 only
@@ -165,7 +172,8 @@ def test_the_command_line_takes_a_width_and_a_training_rate(capsys):
 
     paper = str(ROOT / "sweeps" / "paper_smollm2_135m.yaml")
     assert main(["sweep", paper, "--dry-run", "--d-model", "576", "--tflops", "250"]) == 0
-    out = " ".join(capsys.readouterr().out.split())
+    raw = capsys.readouterr().out
+    out = " ".join(raw.split())
     # 1.641e18 counted FLOPs at 250 TFLOP/s: 1.8 GPU-hours; the forward needs the layers, which a width does not give.
     assert (
         "widths --d-model 576" in out
@@ -173,6 +181,21 @@ def test_the_command_line_takes_a_width_and_a_training_rate(capsys):
         and "250 TFLOP/s per GPU: given: --tflops 250" in out
     )
     assert "in all 471 GB" in out and "the forward passes need the model's layers" in out
+    # Memory (schedule-free sign-SGD in bf16): 4 + 4 + 4 + 2 bytes per parameter (weight, gradient, z, the bf16
+    # copy) and per batch row and latent the bf16 pre-activations, twice for binary_topk (its scores).
+    sae, skip, rows = 42_504_768, 42_836_544, 65_536 * 36_864
+    table = {line.split()[0]: line.split() for line in raw.splitlines() if line[:5].strip().isdigit()}
+    assert table["1"][2:4] == ["binary_topk", "sae"] and table["1"][7:9] == [
+        f"{(14 * sae + 4 * rows) / 2**30:.1f}",
+        "GiB",
+    ]
+    assert table["13"][2:4] == ["binary_topk", "skip_transcoder"] and table["13"][7] == "9.6"
+    assert (
+        table["190"][2:4] == ["topk", "skip_transcoder"] and table["190"][7] == f"{(14 * skip + 2 * rows) / 2**30:.1f}"
+    )
+    # A trial of 8 skip transcoders holds their weights and state, and one binary_topk step at a time.
+    peak = 14 * 8 * skip + 4 * rows
+    assert f"one coder's step at a time: up to {peak / 2**30:.1f} GiB" in out and "13.5 GiB" in out
     for bad in (["--d-model", "0"], ["--tflops", "0"]):
         assert main(["sweep", paper, "--dry-run", *bad]) == 2
         assert f"bae sweep: error: {bad[0]}: must be a positive" in capsys.readouterr().err

@@ -20,5 +20,7 @@ def test_the_shared_stream_benchmark_reads_once_per_step_when_shared(quickstart_
     three = rows[1]["median"]
     # Three coders: the separate trials read three batches a step, the shared stream one.
     assert three["separate"]["batches_read"] == 3 * 2 and three["shared"]["batches_read"] == 2
+    assert (three["separate"]["readers"], three["shared"]["readers"]) == (3, 1)  # a reader of its own per coder
+    assert all(r["bound"] >= 1 and r["step_ratio"] > 0 for r in rows)
     assert all(0 < r["median"][m]["read_share"] < 1 for r in rows for m in ("separate", "shared"))
     assert shared_stream.main(["--cache", str(tmp_path / "missing")]) == 2

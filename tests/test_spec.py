@@ -173,7 +173,7 @@ def test_dry_run_of_the_papers_spec_works_offline(capsys):
     assert len(rows) == 192
     # The cost (tests/test_plan_cost.py checks its figures): the cache's size, what the trials read, the hours.
     cost = " ".join(out[out.index("\ncost ") :].split())
-    assert "in all 471 GB" in cost and "24 read input + output (453 GB each)" in cost
+    assert "in all 471 GB" in cost and "12 read output (226 GB each); 12 read input + output (453 GB each)" in cost
     assert "GPU-hours computing" in cost and "core-hours packing and writing 471 GB" in cost
     widths = " ".join(out.split())  # offline, the hub model's shape is the embedded model's (the same architecture)
     assert "widths the embedded SmolLM2-135M-Instruct's config" in widths or "widths the model's config" in widths
