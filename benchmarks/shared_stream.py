@@ -13,9 +13,8 @@ For N = 1, 2, 4, 8 it prints coder-tokens/s (tokens trained per second summed ov
 / separate, and the share of the time spent reading and decoding in each; beside them the bound, what sharing can
 give at most (the separate run's reads divided by N: 1 / (1 - r + r / N) for its read share r), and the check, the
 time of one coder's step in separate / shared mode, which should read about 1.00 (N = 1 runs the same code in both
-modes: its ratio is the noise floor). The two modes take turns, `--repeats`
-times, each going first in every other round, and the median run is reported; nothing is asserted. Results:
-benchmarks/results/shared_stream.json.
+modes: its ratio is the noise floor). The two modes take turns, `--repeats` times, each going first in every other
+round, and the median run is reported; nothing is asserted. Results: benchmarks/results/shared_stream.json.
 
     .venv/bin/python benchmarks/shared_stream.py [--cache runs/quickstart/cache] [--ns 1,2,4,8] [--steps 16]
         [--batch 4096] [--latents 4608] [--k 32] [--precision bf16] [--transcoder]

@@ -54,8 +54,8 @@ def require_gpus(gpus: float, what: str) -> str | None:
     - A node has them now (or `gpus` is 0): None.
     - The cluster cannot grow: a ValueError (bad input: exit 2) that says what the cluster has. That is a cluster
       this process started (`bae score` without an address, RAY_ADDRESS=local), or one whose autoscaler reports
-      its node types (`ray._private.state.state.get_cluster_config()`, as Ray Train and Ray Data read it) and no
-      type has them.
+      its node types to Ray (`ray._private.state.state.get_cluster_config()`, which Ray Data's autoscaling reads)
+      and no type has them.
     - A node type the autoscaler reports has them: a note to print (the work waits for such a node).
     - Otherwise (a cluster this process joined, whose node types Ray does not say, as with the v1 autoscaler of
       `ray up cluster.yaml`, whose GPU workers start from 0): a note to print that the work waits for the
@@ -100,8 +100,9 @@ def _count(n: float, what: str) -> str:
 
 
 def _node_types() -> list[tuple[str, dict, int]] | None:
-    """The node types the cluster's autoscaler can start, as (name, resources, most nodes), where it reports them to
-    Ray (the v2 autoscaler; not the v1 autoscaler of `ray up`, nor a cluster started without one); else None."""
+    """The node types the cluster's autoscaler can start, as (name, resources, most nodes), where something has
+    reported them to Ray's GCS (a managed cluster may; the v1 autoscaler of `ray up` and a cluster started without
+    an autoscaler do not); else None."""
     try:
         from ray._private.state import state
 

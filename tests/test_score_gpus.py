@@ -101,8 +101,9 @@ def test_the_probing_actors_are_given_the_gpu_and_fall_back_to_the_cpu(logical_g
 
 
 def test_a_cluster_whose_autoscaler_can_add_gpu_nodes_is_waited_for_and_one_that_cannot_is_refused(logical_gpu):
-    """The node types an autoscaler reports to Ray's GCS (the v2 autoscaler does; written here the way it writes
-    them) decide: a type with the GPUs is waited for with a note, none is refused, naming the types."""
+    """The node types an autoscaler reports to Ray's GCS (written here through the GCS client's own call for it,
+    `report_cluster_config`) decide: a type with the GPUs is waited for with a note; none is refused, naming the
+    types."""
     from ray._private.worker import global_worker
     from ray.core.generated.autoscaler_pb2 import ClusterConfig, NodeGroupConfig
 
