@@ -162,11 +162,13 @@ def test_two_sweeps_into_one_folder_the_second_is_refused_and_a_killed_ones_lock
         ) in second.stderr
         assert first.poll() is None  # the first goes on
 
-        # The first is killed (driver, Ray and trial processes) once a trial has reported its second checkpoint.
-        def checkpointed() -> bool:
-            return any(max(reported_steps(p.parent), default=0) >= 100 for p in (run / "tune").glob("*/result.json"))
+        # The first is killed (driver, Ray and trial processes) once a trial has reported its second checkpoint and
+        # not yet its last (the trials run one after the other, so the second passes there if the first is done).
+        def in_the_middle() -> bool:
+            reached = (max(reported_steps(p.parent), default=0) for p in (run / "tune").glob("*/result.json"))
+            return any(100 <= steps < 300 for steps in reached)
 
-        wait_for("second checkpoint", checkpointed, first)
+        wait_for("a trial between its second checkpoint and its end", in_the_middle, first)
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
