@@ -252,8 +252,14 @@ def sweep_cost(spec: SweepSpec, shape: Shape | None, *, train_rate=None, forward
     return cost
 
 
+def coder_input_width(cfg: CoderConfig, widths: dict[str, int]) -> int:
+    """d_in of a coder on a hookpoint of these widths ({"input": ..., "output": ...}): a transcoder reads the
+    input (the output where the hookpoint has only that), an SAE the output."""
+    return widths.get("input", widths["output"]) if cfg.is_transcoder else widths["output"]
+
+
 def _coder_flops(cfg: CoderConfig, widths: dict[str, int]) -> int:
-    d_in = widths.get("input", widths["output"]) if cfg.is_transcoder else widths["output"]
+    d_in = coder_input_width(cfg, widths)
     return training_flops(cfg.activation, cfg.kind, d_in, widths["output"], cfg.latents_for(d_in), cfg.k)
 
 

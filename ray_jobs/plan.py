@@ -7,7 +7,7 @@ from __future__ import annotations
 from bae_core.coders.coder import SPARSE_CODE_ACTIVATIONS
 from bae_core.coders.config import CoderConfig
 from bae_core.training import TrainConfig
-from ray_jobs.cost import Shape, describe_cost
+from ray_jobs.cost import Shape, coder_input_width, describe_cost
 from ray_jobs.spec import SweepSpec
 
 
@@ -113,9 +113,7 @@ def describe_plan(
                 "?",
             )
         else:
-            d_in = w.get("input", w["output"]) if cfg.is_transcoder else w["output"]
-            m = cfg.latents_for(d_in)
-            p = coder_parameters(cfg.kind, d_in, w["output"], m, cfg.has_threshold)
+            m, p = _size(cfg, w)
             latents, params = f"{m:,}", f"{p / 1e6:.1f}M"
             memory = f"{_memory(p, training.batch_size // res.workers, m, cfg, train) / 2**30:.1f} GiB"
         rows.append(
@@ -137,6 +135,13 @@ def describe_plan(
     return "\n".join([*lines, "", *describe_cost(spec, shape, **(rates or {}))])
 
 
+def _size(cfg: CoderConfig, widths: dict[str, int]) -> tuple[int, int]:
+    """(latents, parameters) of a coder on a hookpoint of these widths ({"input": d_in, "output": d_out})."""
+    d_in = coder_input_width(cfg, widths)
+    m = cfg.latents_for(d_in)
+    return m, coder_parameters(cfg.kind, d_in, widths["output"], m, cfg.has_threshold)
+
+
 def _memory(parameters: int, batch: int, num_latents: int, cfg: CoderConfig, train: dict) -> int:
     precision, optimizer = (train.get(key, getattr(TrainConfig, key)) for key in ("precision", "optimizer"))
     return trial_memory_bytes(parameters, batch, num_latents, cfg.activation, precision, optimizer)
@@ -151,10 +156,8 @@ def _group_memory(spec: SweepSpec, widths: dict[str, dict[str, int]]) -> list[st
         weights = step = 0
         for point in group:
             hookpoint, coder, train = spec.trial_settings(point)
-            cfg, w = CoderConfig(**coder), widths[hookpoint]
-            d_in = w.get("input", w["output"]) if cfg.is_transcoder else w["output"]
-            m = cfg.latents_for(d_in)
-            p = coder_parameters(cfg.kind, d_in, w["output"], m, cfg.has_threshold)
+            cfg = CoderConfig(**coder)
+            m, p = _size(cfg, widths[hookpoint])
             weights += _memory(p, 0, m, cfg, train)
             step = max(step, _memory(0, batch, m, cfg, train))
         peak = max(peak, weights + step)
